@@ -1,0 +1,3 @@
+"""Spellbook: a self-hosted Stable Diffusion studio."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,423 @@
+"""The `spellbook` command. Thin: each command parses, calls the library, prints.
+
+Errors a user can fix print one line on stderr and exit 2; `verify` exits 1 when the image differs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from spellbook.errors import SpellbookError, UserError
+
+app = typer.Typer(help="Spellbook: a self-hosted Stable Diffusion studio.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+models_app = typer.Typer(help="List, add and inspect models.", no_args_is_help=True)
+toy_app = typer.Typer(help="The embedded shapes model: judge images, train the model.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+app.add_typer(toy_app, name="toy")
+
+Out = Annotated[Path, typer.Option("--out", "-o", help="Folder for the PNGs.")]
+Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.disable_progress_bar()
+    import warnings
+
+    warnings.filterwarnings("ignore")
+
+
+def _studio():
+    _quiet_libraries()
+    from spellbook.studio import Studio
+
+    return Studio()
+
+
+def _echo_json(data: Any) -> None:
+    typer.echo(json.dumps(data, ensure_ascii=False, indent=2))
+
+
+def _progress_bar(label: str, enabled: bool):
+    """A rich progress bar on stderr; returns (context manager, callback)."""
+    from contextlib import nullcontext
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    if not enabled:
+        return nullcontext(), None
+    bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=Console(stderr=True), transient=True)
+    task = bar.add_task(label, total=None)
+
+    def callback(p) -> None:
+        bar.update(task, total=p.total, completed=p.step)
+
+    return bar, callback
+
+
+def _generation_request(
+    prompt: str, negative: str | None, steps: int | None, cfg: float | None, sampler: str | None,
+    schedule: str | None, size: str | None, seed: int | None, batch: int | None, model: str | None,
+    vae: str | None, clip_skip: int | None,
+) -> dict[str, Any]:
+    request = {
+        "prompt": prompt, "negative_prompt": negative, "steps": steps, "guidance": cfg, "sampler": sampler,
+        "schedule": schedule, "size": size, "seed": seed, "batch_size": batch, "model": model, "vae": vae,
+        "clip_skip": clip_skip,
+    }
+    return {k: v for k, v in request.items() if v is not None}
+
+
+def _run_and_save(studio, request, out: Path, as_json: bool, count: int = 1, **images) -> list[dict]:
+    records = []
+    recipe, inputs, components = studio.prepare(request, **images)
+    for run in range(count):
+        if run:
+            recipe = recipe.with_(seed=recipe.seed + recipe.batch_size)
+        bar, callback = _progress_bar(f"{recipe.kind} {recipe.width}x{recipe.height}", not as_json and sys.stderr.isatty())
+        with bar:
+            results = studio.run(recipe, inputs, components, progress=callback)
+        for saved in studio.save(results, out):
+            records.append({"path": str(saved.path), "seed": saved.recipe.image_seed, "recipe": saved.recipe.to_dict()})
+    if as_json:
+        _echo_json(records)
+    else:
+        for record in records:
+            typer.echo(record["path"])
+    return records
+
+
+# Shared generation options, as Annotated aliases so each command reads as its flags.
+Negative = Annotated[str | None, typer.Option("--negative", "-n", help="Negative prompt.")]
+Steps = Annotated[int | None, typer.Option(help="Sampling steps (default: the model's).")]
+Cfg = Annotated[float | None, typer.Option("--cfg", help="Guidance (CFG) scale.")]
+Sampler = Annotated[str | None, typer.Option(help="Sampler, as A1111 names it: 'Euler a', 'DPM++ 2M Karras', …")]
+Schedule = Annotated[str | None, typer.Option(help="Schedule type: Automatic, Karras, Exponential.")]
+Size = Annotated[str | None, typer.Option(help="WIDTHxHEIGHT, multiples of 8 (default: the model's native size).")]
+Seed = Annotated[int | None, typer.Option(help="Seed; -1 or absent picks one (recorded in the PNG).")]
+Batch = Annotated[int | None, typer.Option(help="Images per batch (one forward pass).")]
+Count = Annotated[int, typer.Option(help="How many batches to run one after another.")]
+Model = Annotated[str | None, typer.Option(help="Model name from `spellbook models list`, or a path.")]
+Vae = Annotated[str | None, typer.Option(help="VAE override: a VAE folder or .safetensors.")]
+ClipSkip = Annotated[int | None, typer.Option("--clip-skip", help="Clip skip as A1111 counts it (1 = none).")]
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str | None, typer.Argument(help="What to draw.")] = None,
+    negative: Negative = None, steps: Steps = None, cfg: Cfg = None, sampler: Sampler = None,
+    schedule: Schedule = None, size: Size = None, seed: Seed = None, batch: Batch = None, count: Count = 1,
+    model: Model = None, vae: Vae = None, clip_skip: ClipSkip = None,
+    from_file: Annotated[Path | None, typer.Option("--from-file", help="One prompt per line; line i uses seed+i.")] = None,
+    out: Out = Path("out"), as_json: Json = False,
+) -> None:
+    """Text to image."""
+    studio = _studio()
+    if from_file is not None:
+        if prompt is not None:
+            raise UserError("give a prompt or --from-file, not both", field="prompt")
+        if not from_file.is_file():
+            raise UserError(f"{from_file} does not exist", field="from_file")
+        prompts = [line.strip() for line in from_file.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise UserError(f"{from_file} has no prompts (one per line)", field="from_file")
+        import random
+
+        base_seed = seed if seed not in (None, -1) else random.SystemRandom().randint(0, 2**31)
+        records = []
+        for i, line in enumerate(prompts):
+            request = _generation_request(line, negative, steps, cfg, sampler, schedule, size, base_seed + i, batch,
+                                          model, vae, clip_skip)
+            records += _run_and_save(studio, request, out, as_json=True, count=count) if as_json else \
+                _run_and_save(studio, request, out, as_json=False, count=count)
+        return
+    if prompt is None:
+        raise UserError("give a prompt, e.g. spellbook generate \"a red circle\"", field="prompt")
+    request = _generation_request(prompt, negative, steps, cfg, sampler, schedule, size, seed, batch, model, vae,
+                                  clip_skip)
+    _run_and_save(studio, request, out, as_json, count=count)
+
+
+def _open(path: Path, field: str):
+    from spellbook.provenance import open_image
+
+    return open_image(path, field)
+
+
+@app.command()
+def img2img(
+    image: Annotated[Path, typer.Argument(help="The start image (a sketch, a photo).")],
+    prompt: Annotated[str, typer.Argument(help="What to draw.")],
+    strength: Annotated[float | None, typer.Option(help="How much to change, 0-1 (default 0.75).")] = None,
+    negative: Negative = None, steps: Steps = None, cfg: Cfg = None, sampler: Sampler = None,
+    schedule: Schedule = None, size: Size = None, seed: Seed = None, batch: Batch = None, count: Count = 1,
+    model: Model = None, vae: Vae = None, clip_skip: ClipSkip = None, out: Out = Path("out"), as_json: Json = False,
+) -> None:
+    """Image to image: redraw IMAGE following PROMPT."""
+    studio = _studio()
+    init = _open(image, "image")
+    request = _generation_request(prompt, negative, steps, cfg, sampler, schedule, size, seed, batch, model, vae,
+                                  clip_skip)
+    request.update(kind="img2img", strength=strength, init_image_path=str(image))
+    _run_and_save(studio, {k: v for k, v in request.items() if v is not None}, out, as_json, count, init_image=init)
+
+
+@app.command()
+def inpaint(
+    image: Annotated[Path, typer.Argument(help="The image to change.")],
+    mask: Annotated[Path, typer.Argument(help="Same size as IMAGE; white = repaint, black = keep.")],
+    prompt: Annotated[str, typer.Argument(help="What to draw in the masked area.")],
+    strength: Annotated[float | None, typer.Option(help="How much to change inside the mask, 0-1 (default 0.75).")] = None,
+    negative: Negative = None, steps: Steps = None, cfg: Cfg = None, sampler: Sampler = None,
+    schedule: Schedule = None, size: Size = None, seed: Seed = None, batch: Batch = None, count: Count = 1,
+    model: Model = None, vae: Vae = None, clip_skip: ClipSkip = None, out: Out = Path("out"), as_json: Json = False,
+) -> None:
+    """Inpaint: redraw the masked part of IMAGE following PROMPT."""
+    studio = _studio()
+    init, mask_image = _open(image, "image"), _open(mask, "mask")
+    request = _generation_request(prompt, negative, steps, cfg, sampler, schedule, size, seed, batch, model, vae,
+                                  clip_skip)
+    request.update(kind="inpaint", strength=strength, init_image_path=str(image), mask_path=str(mask))
+    _run_and_save(studio, {k: v for k, v in request.items() if v is not None}, out, as_json, count,
+                  init_image=init, mask=mask_image)
+
+
+@app.command()
+def info(image: Annotated[Path, typer.Argument(help="Any PNG: Spellbook's, A1111's or ComfyUI's.")],
+         as_json: Json = False) -> None:
+    """Print the recipe inside an image."""
+    _quiet_libraries()
+    from spellbook.provenance import infotext, read_metadata
+
+    meta = read_metadata(image)
+    if as_json:
+        data = {"source": meta.source, "recipe": meta.recipe.to_dict() if meta.recipe else None,
+                "foreign": meta.foreign, "parameters": meta.chunks.get("parameters")}
+        _echo_json(data)
+        return
+    if meta.recipe is not None:
+        typer.echo(infotext(meta.recipe))
+        typer.echo(f"(source: spellbook; full recipe: spellbook info --json {image})")
+    elif meta.foreign is not None:
+        typer.echo(meta.chunks.get("parameters") or json.dumps(meta.foreign, ensure_ascii=False, indent=2))
+        typer.echo(f"(source: {meta.source})")
+    else:
+        raise UserError(f"{image} carries no recipe (no Spellbook, A1111 or ComfyUI metadata)", field="image")
+
+
+@app.command()
+def reproduce(
+    image: Annotated[Path, typer.Argument(help="An image with a recipe.")],
+    model: Annotated[str | None, typer.Option(help="Run with this model instead of the recorded one.")] = None,
+    out: Out = Path("out"), as_json: Json = False,
+) -> None:
+    """Run an image's recipe again."""
+    studio = _studio()
+    bar, callback = _progress_bar("reproduce", not as_json and sys.stderr.isatty())
+    with bar:
+        result = studio.reproduce(image, model=model, progress=callback)
+    saved = studio.save([result], out)[0]
+    if as_json:
+        _echo_json({"path": str(saved.path), "recipe": saved.recipe.to_dict()})
+    else:
+        typer.echo(saved.path)
+
+
+@app.command()
+def verify(
+    image: Annotated[Path, typer.Argument(help="A Spellbook image.")],
+    model: Annotated[str | None, typer.Option(help="Where the recorded model is now (a name or a path).")] = None,
+    as_json: Json = False,
+) -> None:
+    """Re-run an image's recipe and compare pixels; exit 1 if it differs."""
+    studio = _studio()
+    bar, callback = _progress_bar("verify", not as_json and sys.stderr.isatty())
+    with bar:
+        comparison, _ = studio.verify(image, model=model, progress=callback)
+    if as_json:
+        _echo_json({"identical": comparison.identical, "psnr": None if comparison.identical else comparison.psnr,
+                    "differing_pixels": comparison.differing_pixels, "max_abs_diff": comparison.max_abs_diff,
+                    "build_differences": [dict(zip(("field", "recorded", "current"), d))
+                                          for d in comparison.build_differences]})
+    else:
+        typer.echo(comparison.summary())
+    if not comparison.identical:
+        raise typer.Exit(1)
+
+
+# ------------------------------------------------------------------------------------------------ models
+@models_app.command("list")
+def models_list(as_json: Json = False) -> None:
+    """Models you can name with --model."""
+    _quiet_libraries()
+    from spellbook.models.registry import ModelRegistry
+    from spellbook.settings import Settings
+
+    entries = ModelRegistry(Settings.from_env()).list()
+    if as_json:
+        _echo_json([{"name": e.name, "format": e.format, "path": str(e.path), "builtin": e.builtin} for e in entries])
+        return
+    for e in entries:
+        typer.echo(f"{e.name}\t{e.format}{' (built in)' if e.builtin else ''}\t{e.path}")
+
+
+@models_app.command("add")
+def models_add(
+    path: Annotated[Path, typer.Argument(help="A diffusers folder or a .safetensors checkpoint.")],
+    name: Annotated[str | None, typer.Option(help="Name to use with --model (default: the file name).")] = None,
+    copy: Annotated[bool, typer.Option(help="Copy into the models folder instead of linking.")] = False,
+) -> None:
+    """Add a model to the models folder."""
+    _quiet_libraries()
+    from spellbook.models.registry import ModelRegistry
+    from spellbook.settings import Settings
+
+    entry = ModelRegistry(Settings.from_env()).add(path, name, copy=copy)
+    typer.echo(f"added {entry.name} ({entry.format}) -> {entry.path}")
+
+
+@models_app.command("info")
+def models_info(name: Annotated[str, typer.Argument(help="Model name or path.")], as_json: Json = False) -> None:
+    """Show a model's format, hash, architecture and defaults (loads it)."""
+    studio = _studio()
+    components = studio.cache.load(name)
+    unet = components.unet.config
+    data = {
+        "name": components.ref.name, "sha256": components.ref.sha256, "model_hash": components.ref.short_hash,
+        "family": components.family, "native_size": components.native_size,
+        "unet_in_channels": unet.in_channels, "cross_attention_dim": unet.cross_attention_dim,
+        "prediction_type": components.scheduler_config.get("prediction_type", "epsilon"),
+        "parameters": sum(p.numel() for m in (components.unet, components.vae, components.text_encoder)
+                          for p in m.parameters()),
+        "defaults": components.recipe_defaults(),
+    }
+    if as_json:
+        _echo_json(data)
+    else:
+        for key, value in data.items():
+            typer.echo(f"{key}: {value}")
+
+
+# -------------------------------------------------------------------------------------------------- toy
+@toy_app.command("judge")
+def toy_judge(
+    image: Annotated[Path, typer.Argument(help="An image of the shapes world.")],
+    prompt: Annotated[str | None, typer.Option(help="The prompt it was made from: report what matches.")] = None,
+    as_json: Json = False,
+) -> None:
+    """Say what a shapes-world image shows (background, colour, shape, position)."""
+    from spellbook.provenance import open_image
+    from spellbook.toy.judge import judge
+    from spellbook.toy.prompts import attributes_of
+
+    verdict = judge(open_image(image))
+    data = verdict.to_dict()
+    if prompt:
+        data["asked"] = attributes_of(prompt)
+        data["matches"] = verdict.matches(**data["asked"])
+    if as_json:
+        _echo_json(data)
+        return
+    typer.echo(f"background {verdict.background}, colour {verdict.colour}, shape {verdict.shape}, "
+               f"position {verdict.position}")
+    if prompt:
+        wrong = [k for k, ok in data["matches"].items() if not ok]
+        typer.echo("matches the prompt" if not wrong else f"differs from the prompt in: {', '.join(wrong)}")
+
+
+@toy_app.command("demo")
+def toy_demo(
+    prompt: Annotated[str, typer.Argument(help="A shapes-world prompt.")] = "a red circle on the left, black background",
+    seed: Annotated[int, typer.Option(help="Seed.")] = 7,
+    out: Out = Path("out/demo"),
+) -> None:
+    """Generate one image with the built-in shapes model; print its path and the judge's verdict."""
+    import time
+
+    from spellbook.toy.judge import judge_trained
+    from spellbook.toy.prompts import attributes_of
+
+    studio = _studio()
+    recipe, inputs, components = studio.prepare({"prompt": prompt, "seed": seed})
+    started = time.perf_counter()
+    results = studio.run(recipe, inputs, components)
+    seconds = time.perf_counter() - started
+    saved = studio.save(results, out)[0]
+    verdict = judge_trained(saved.image)
+    matches = verdict.matches(**attributes_of(prompt))
+    typer.echo(f"image: {saved.path}")
+    typer.echo(f"prompt: {prompt} (seed {seed}, {recipe.steps} steps {recipe.sampler}, {recipe.width}x{recipe.height},"
+               f" {seconds:.2f} s)")
+    typer.echo(f"judge: background {verdict.background}, colour {verdict.colour}, shape {verdict.shape}, "
+               f"position {verdict.position} -> "
+               + ("matches the prompt" if all(matches.values()) else
+                  "differs in " + ", ".join(k for k, ok in matches.items() if not ok)))
+
+
+@toy_app.command("train")
+def toy_train(
+    out: Annotated[Path, typer.Option(help="Training folder (checkpoints, curve, exported model).")] = Path("toy-train"),
+    minutes: Annotated[float | None, typer.Option(help="Stop after this long (checkpoint kept; --resume goes on).")] = None,
+    seed: Annotated[int, typer.Option(help="Training seed: the same seed gives the same model.")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue from the checkpoint in --out.")] = False,
+    unet_iterations: Annotated[int | None, typer.Option(help="UNet iterations (default: as shipped).")] = None,
+) -> None:
+    """Train the shapes model from scratch (VAE, then UNet + text encoder, then decoder fine-tuning)."""
+    _quiet_libraries()
+    from spellbook.toy.train import TrainConfig, Trainer, export_model
+
+    config = TrainConfig(seed=seed)
+    if unet_iterations:
+        config.unet_iterations = unet_iterations
+    trainer = Trainer(out, config, log=lambda m: typer.echo(m, err=True))
+    if (out / "checkpoint.pt").exists():
+        if not resume:
+            raise UserError(f"{out} already has a checkpoint; pass --resume to continue it, or choose another --out",
+                            field="out")
+        trainer.load_checkpoint()
+    bar, _ = _progress_bar("training", True)
+    from rich.progress import Progress
+
+    with bar as progress_bar:
+        task = progress_bar.add_task("train", total=None) if isinstance(progress_bar, Progress) else None
+
+        def report(phase: str, step: int, total: int, loss: float) -> None:
+            if task is not None:
+                progress_bar.update(task, total=total, completed=step, description=f"{phase} loss {loss:.4f}")
+
+        finished = trainer.run(minutes=minutes, progress=report)
+    if not finished:
+        typer.echo(f"stopped at {trainer.state.phase} {trainer.state.step}; continue with --resume")
+        return
+    typer.echo(export_model(trainer, out / "model"))
+
+
+def main() -> None:
+    try:
+        app()
+    except SpellbookError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

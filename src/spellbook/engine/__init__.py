@@ -1,0 +1,5 @@
+"""The engine: Components + Recipe -> images. Pure compute: no database, no files, no HTTP."""
+
+from spellbook.engine.pipeline import GenerationInputs, Progress, generate
+
+__all__ = ["GenerationInputs", "Progress", "generate"]

@@ -1,0 +1,210 @@
+"""txt2img, img2img and inpaint: Components + Recipe -> images (float arrays in [0, 1]).
+
+The denoising loops are diffusers' own pipelines (StableDiffusionPipeline, …Img2ImgPipeline,
+…InpaintPipeline), assembled around our components per call: we add the prompt syntax, the per-image CPU
+noise, the A1111 sampler names, progress, cancellation and the inpainting overlay, and nothing else.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline
+from PIL import Image, ImageFilter
+
+from spellbook.engine.noise import image_generators, initial_latents
+from spellbook.engine.prompts import encode_prompt_pair
+from spellbook.engine.samplers import SAMPLER_SPECS, make_scheduler
+from spellbook.errors import Cancelled, UserError
+from spellbook.models.components import Components
+from spellbook.recipe import Recipe
+
+
+@dataclass(frozen=True)
+class Progress:
+    step: int  # 1-based
+    total: int
+    image_offset: int  # first image of the batch this step belongs to (batches that run image by image)
+    latents: torch.Tensor
+
+
+@dataclass
+class GenerationInputs:
+    """What a recipe references by hash: the pixels themselves."""
+
+    init_image: Image.Image | None = None
+    mask: Image.Image | None = None
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+def generate(
+    components: Components,
+    recipe: Recipe,
+    inputs: GenerationInputs | None = None,
+    *,
+    progress: ProgressCallback | None = None,
+    cancel: threading.Event | None = None,
+    overlay: bool = True,
+) -> np.ndarray:
+    """Run the whole batch of `recipe`; returns float32 images (batch, height, width, 3) in [0, 1].
+
+    `overlay` (inpaint only) pastes the original pixels back outside the (blurred) mask, as A1111 does, so
+    what was not masked stays exactly as it was.
+    """
+    inputs = inputs or GenerationInputs()
+    # 1. Check inputs.
+    init_image, mask = _check_inputs(components, recipe, inputs)
+    # 2. A batch whose sampler draws one noise stream for all images runs image by image (batch invariance).
+    groups = [(0, recipe.batch_size)]
+    if not SAMPLER_SPECS[recipe.sampler].batch_invariant:
+        groups = [(i, 1) for i in range(recipe.batch_size)]
+    outputs = [
+        _run_group(components, recipe, init_image, mask, start, count, progress, cancel) for start, count in groups
+    ]
+    images = np.concatenate(outputs).astype(np.float32)
+    # 3. Inpainting: keep the unmasked pixels exactly.
+    if recipe.kind == "inpaint" and overlay:
+        images = _overlay(images, init_image, mask)
+    return images
+
+
+def _check_inputs(
+    components: Components, recipe: Recipe, inputs: GenerationInputs
+) -> tuple[Image.Image | None, Image.Image | None]:
+    if recipe.kind == "txt2img":
+        return None, None
+    if inputs.init_image is None:
+        raise UserError(f"{recipe.kind} needs an init image", field="init_image")
+    size = (recipe.width, recipe.height)
+    init_image = inputs.init_image.convert("RGB")
+    if init_image.size != size:
+        init_image = init_image.resize(size, Image.LANCZOS)
+    mask = None
+    if recipe.kind == "inpaint":
+        if inputs.mask is None:
+            raise UserError("inpaint needs a mask", field="mask")
+        if inputs.mask.size != inputs.init_image.size:
+            raise UserError(
+                f"mask is {inputs.mask.size[0]}x{inputs.mask.size[1]} but the image is "
+                f"{inputs.init_image.size[0]}x{inputs.init_image.size[1]}; they must be the same size",
+                field="mask",
+            )
+        mask = _mask_to_l(inputs.mask)
+        if mask.size != size:
+            mask = mask.resize(size, Image.NEAREST)
+    return init_image, mask
+
+
+def _mask_to_l(mask: Image.Image) -> Image.Image:
+    """White = repaint. An RGBA mask uses its alpha channel when the colour channels are blank."""
+    if mask.mode in ("RGBA", "LA"):
+        alpha = mask.getchannel("A")
+        if mask.convert("L").getextrema() == (0, 0) or alpha.getextrema()[0] < 255:
+            return alpha
+    return mask.convert("L")
+
+
+def _pipeline(components: Components, recipe: Recipe):
+    scheduler = make_scheduler(recipe.sampler, recipe.schedule, components.scheduler_config)
+    cls = {
+        "txt2img": StableDiffusionPipeline,
+        "img2img": StableDiffusionImg2ImgPipeline,
+        "inpaint": StableDiffusionInpaintPipeline,
+    }[recipe.kind]
+    pipe = cls(
+        vae=components.vae,
+        text_encoder=components.text_encoder,
+        tokenizer=components.tokenizer,
+        unet=components.unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _run_group(
+    components: Components,
+    recipe: Recipe,
+    init_image: Image.Image | None,
+    mask: Image.Image | None,
+    start: int,
+    count: int,
+    progress: ProgressCallback | None,
+    cancel: threading.Event | None,
+) -> np.ndarray:
+    pipe = _pipeline(components, recipe)
+    # 1. Encode the prompt (A1111 syntax, long prompts) once; every image of the group shares it.
+    positive, negative = encode_prompt_pair(
+        components.tokenizer, components.text_encoder, recipe.prompt, recipe.negative_prompt, recipe.clip_skip
+    )
+    positive, negative = positive.repeat(count, 1, 1), negative.repeat(count, 1, 1)
+    # 2. Per-image generators on the CPU: seed + index. They also feed ancestral samplers' noise.
+    generators = image_generators(recipe.seed, count, first_index=start)
+    # 3. Progress and cancellation between steps.
+    total = _step_count(recipe)
+
+    def on_step_end(_pipe, step_index, _timestep, callback_kwargs):
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("generation cancelled")
+        if progress is not None:
+            progress(Progress(step_index + 1, total, start, callback_kwargs["latents"]))
+        return callback_kwargs
+
+    common = dict(
+        prompt_embeds=positive,
+        negative_prompt_embeds=negative,
+        num_inference_steps=recipe.steps,
+        guidance_scale=recipe.guidance,
+        generator=generators,
+        output_type="np",
+        callback_on_step_end=on_step_end,
+    )
+    # 4. Denoise and decode.
+    with torch.inference_mode():
+        if recipe.kind == "txt2img":
+            latent_shape = (
+                components.unet.config.in_channels,
+                recipe.height // components.vae_scale_factor,
+                recipe.width // components.vae_scale_factor,
+            )
+            latents = initial_latents(generators, *latent_shape).to(components.unet.device)
+            result = pipe(height=recipe.height, width=recipe.width, latents=latents, **common)
+        elif recipe.kind == "img2img":
+            result = pipe(image=init_image, strength=recipe.strength, **common)
+        else:
+            result = pipe(
+                image=init_image,
+                mask_image=mask,
+                height=recipe.height,
+                width=recipe.width,
+                strength=recipe.strength,
+                **common,
+            )
+    return result.images
+
+
+def _step_count(recipe: Recipe) -> int:
+    if recipe.kind == "txt2img" or recipe.strength is None:
+        return recipe.steps
+    return max(1, min(int(recipe.steps * recipe.strength), recipe.steps))
+
+
+def _overlay(images: np.ndarray, init_image: Image.Image, mask: Image.Image, blur: int = 0) -> np.ndarray:
+    keep = np.asarray(init_image, dtype=np.float32) / 255.0
+    m = mask.filter(ImageFilter.GaussianBlur(blur)) if blur else mask
+    alpha = (np.asarray(m, dtype=np.float32) / 255.0)[None, :, :, None]
+    return images * alpha + keep[None] * (1.0 - alpha)
+
+
+def to_pil(images: np.ndarray) -> list[Image.Image]:
+    """Float [0, 1] -> 8-bit images, rounding as diffusers does."""
+    return [Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8)) for image in images]

@@ -1,0 +1,57 @@
+"""Errors a user can act on. Each says what was given, what is accepted, and (optionally) what to do.
+
+The CLI prints them as one line and exits 2; the HTTP API returns {"error": {"code", "message", "field"}}
+with the error's status. Anything that is not a SpellbookError is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class SpellbookError(Exception):
+    code = "error"
+    http_status = 400
+
+    def __init__(self, message: str, *, field: str | None = None, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        self.hint = hint
+
+    def __str__(self) -> str:
+        prefix = f"{self.field}: " if self.field and not self.message.startswith(self.field) else ""
+        suffix = f" ({self.hint})" if self.hint else ""
+        return f"{prefix}{self.message}{suffix}"
+
+    def to_dict(self) -> dict:
+        return {"error": {"code": self.code, "message": str(self), "field": self.field}}
+
+
+class UserError(SpellbookError):
+    """The input is wrong: a bad value, a missing file, a malformed image."""
+
+    code = "invalid"
+    http_status = 400
+
+
+class NotFound(SpellbookError):
+    code = "not_found"
+    http_status = 404
+
+
+class Refused(SpellbookError):
+    """Valid input that we will not act on, for safety (a pickle file, a path outside the home)."""
+
+    code = "refused"
+    http_status = 400
+
+
+class Conflict(SpellbookError):
+    code = "conflict"
+    http_status = 409
+
+
+class Cancelled(SpellbookError):
+    """A running generation was cancelled by its owner."""
+
+    code = "cancelled"
+    http_status = 409

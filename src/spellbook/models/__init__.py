@@ -1,0 +1,1 @@
+"""Model files: finding, hashing, checking and loading checkpoints into Components."""

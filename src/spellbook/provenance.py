@@ -1,0 +1,154 @@
+"""Provenance: every PNG carries its recipe; `reproduce` re-runs it and `verify` checks it bit for bit.
+
+Two text chunks: `parameters` (A1111 infotext, readable by the community's tools) and `spellbook` (the
+full recipe as JSON, including the build that ran it). Reading also accepts A1111's and ComfyUI's
+metadata, so any image with a recipe can be inspected or re-run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from spellbook.errors import UserError
+from spellbook.infotext import format_infotext, read_foreign_recipe, read_png_text, write_png_text
+from spellbook.recipe import Build, Recipe
+
+RECIPE_CHUNK = "spellbook"
+INFOTEXT_CHUNK = "parameters"
+
+
+def infotext_params(recipe: Recipe) -> dict[str, object]:
+    """The `Key: value` line, in A1111's order and spelling."""
+    params: dict[str, object] = {
+        "Steps": recipe.steps,
+        "Sampler": recipe.sampler,
+        "Schedule type": recipe.schedule,
+        "CFG scale": f"{recipe.guidance:g}",
+        "Seed": recipe.image_seed,
+        "Size": f"{recipe.width}x{recipe.height}",
+        "Model hash": recipe.model.short_hash or None,
+        "Model": recipe.model.name,
+        "VAE hash": recipe.vae.short_hash if recipe.vae else None,
+        "VAE": recipe.vae.name if recipe.vae else None,
+        "Denoising strength": f"{recipe.strength:g}" if recipe.strength is not None else None,
+        "Clip skip": recipe.clip_skip if recipe.clip_skip > 1 else None,
+        "TI hashes": ", ".join(f"{c.name}: {c.short_hash}" for c in recipe.concepts) or None,
+        "Version": f"spellbook {recipe.build.spellbook}" if recipe.build else None,
+    }
+    return params
+
+
+def infotext(recipe: Recipe) -> str:
+    return format_infotext(recipe.prompt, recipe.negative_prompt, infotext_params(recipe))
+
+
+def save_png(image: Image.Image, path: Path, recipe: Recipe) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_png_text(image, path, {INFOTEXT_CHUNK: infotext(recipe), RECIPE_CHUNK: recipe.to_json()})
+    return path
+
+
+def open_image(path: Path, field: str = "image", max_pixels: int | None = None) -> Image.Image:
+    """Open an image with a clear error for a missing file, a non-image, or one too large to decode."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path} does not exist", field=field)
+    if path.is_dir():
+        raise UserError(f"{path} is a folder, not an image", field=field)
+    try:
+        image = Image.open(path)
+    except UnidentifiedImageError:
+        raise UserError(f"{path} is not an image Spellbook can read (PNG, JPEG, WebP, …)", field=field) from None
+    if max_pixels is not None and image.width * image.height > max_pixels:
+        raise UserError(
+            f"{path} is {image.width}x{image.height}; the limit is {max_pixels} pixels", field=field
+        )
+    image.load()
+    return image
+
+
+def image_sha256(image: Image.Image) -> str:
+    """Hash of the decoded pixels (mode + size + bytes), so re-encoding a PNG does not change it."""
+    digest = hashlib.sha256(f"{image.mode}:{image.width}x{image.height}:".encode())
+    digest.update(image.tobytes())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class ImageMetadata:
+    source: str  # spellbook | a1111 | comfyui | none
+    recipe: Recipe | None  # ours, exactly as written
+    foreign: dict[str, Any] | None  # what A1111 / ComfyUI metadata said, as read_foreign_recipe returns it
+    chunks: dict[str, str]
+
+
+def read_metadata(path: Path) -> ImageMetadata:
+    image = open_image(path)
+    chunks = read_png_text(image)
+    found = read_foreign_recipe(chunks)
+    if found is None:
+        return ImageMetadata("none", None, None, chunks)
+    if found.get("source") == "spellbook":
+        return ImageMetadata("spellbook", Recipe.from_dict(found["recipe"]), None, chunks)
+    return ImageMetadata(found.get("source", "unknown"), None, found, chunks)
+
+
+def recipe_from_foreign(found: dict[str, Any], model_name: str | None = None) -> dict[str, Any]:
+    """A request (for make_recipe) from A1111/ComfyUI metadata; what the other tool knew, nothing invented."""
+    request: dict[str, Any] = {
+        "prompt": found.get("prompt", ""),
+        "negative_prompt": found.get("negative_prompt", ""),
+        "steps": found.get("steps"),
+        "sampler": found.get("sampler"),
+        "schedule": found.get("schedule"),
+        "guidance": found.get("cfg_scale"),
+        "seed": found.get("seed"),
+        "width": found.get("width"),
+        "height": found.get("height"),
+        "clip_skip": found.get("clip_skip"),
+    }
+    if model_name:
+        request["model"] = model_name
+    return {k: v for k, v in request.items() if v is not None}
+
+
+@dataclass(frozen=True)
+class Comparison:
+    identical: bool
+    max_abs_diff: int
+    psnr: float  # inf when identical
+    differing_pixels: int
+    build_differences: list[tuple[str, str, str]]  # (field, recorded, current)
+
+    def summary(self) -> str:
+        if self.identical:
+            return "identical: every pixel matches"
+        text = f"differs: PSNR {self.psnr:.2f} dB, {self.differing_pixels} pixels differ (max difference {self.max_abs_diff})"
+        if self.build_differences:
+            name, then, now = self.build_differences[0]
+            text += f"; first differing build field: {name} (recorded {then}, now {now})"
+        return text
+
+
+def compare(recorded: Image.Image, regenerated: Image.Image, recorded_build: Build | None, build: Build) -> Comparison:
+    a = np.asarray(recorded.convert("RGB"), dtype=np.int16)
+    b = np.asarray(regenerated.convert("RGB"), dtype=np.int16)
+    differences = []
+    if recorded_build is not None:
+        for f in fields(Build):
+            then, now = getattr(recorded_build, f.name), getattr(build, f.name)
+            if then != now:
+                differences.append((f.name, str(then), str(now)))
+    if a.shape != b.shape:
+        return Comparison(False, 255, 0.0, int(max(a.size, b.size) // 3), differences)
+    diff = np.abs(a - b)
+    mse = float((diff.astype(np.float64) ** 2).mean())
+    psnr = math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+    return Comparison(mse == 0, int(diff.max()), psnr, int((diff.max(axis=2) > 0).sum()), differences)

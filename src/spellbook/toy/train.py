@@ -1,0 +1,322 @@
+"""Train the shapes model: VAE first, then UNet + text encoder on the frozen encoder's latents.
+
+Deterministic for a seed: batch i of every phase is a pure function of (seed, phase, i), and each
+iteration's noise comes from its own generator, so a run resumed from a checkpoint continues exactly as
+an uninterrupted one would. A checkpoint (weights, EMA, optimiser, curve) is written every
+`checkpoint_every` iterations and when a time cap stops the run; `--resume` picks it up.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from spellbook.toy import architecture
+from spellbook.toy.judge import judge_trained
+from spellbook.toy.world import Scene, held_out_scenes, training_batch, training_scenes
+
+PHASE_SEEDS = {"vae": 1, "unet": 2, "decoder": 3}
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    batch_size: int = 64
+    vae_iterations: int = 900
+    vae_lr: float = 2e-3
+    unet_iterations: int = 3600
+    unet_lr: float = 1e-3
+    decoder_iterations: int = 600
+    decoder_lr: float = 5e-4
+    warmup: int = 200
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    ema_decay: float = 0.995
+    caption_dropout: float = 0.1
+    kl_weight: float = 1e-6
+    checkpoint_every: int = 200
+    eval_every: int = 400
+    threads: int = 2
+
+
+@dataclass
+class TrainState:
+    phase: str = "vae"
+    step: int = 0
+    scaling_factor: float = 1.0
+    seconds: float = 0.0  # training wall time so far, over all sessions of this run
+    curve: list[dict] = field(default_factory=list)
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 5 % of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(total - warmup, 1)
+    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+class Trainer:
+    def __init__(self, out_dir: Path, config: TrainConfig, log: Callable[[str], None] = print):
+        from transformers import CLIPTokenizer
+
+        from spellbook.models.files import bundled_tokenizer_dir
+
+        self.out_dir = out_dir
+        self.config = config
+        self.log = log
+        torch.manual_seed(config.seed)
+        self.vae = architecture.make_vae()
+        self.text_encoder = architecture.make_text_encoder()
+        self.unet = architecture.make_unet()
+        self.tokenizer = CLIPTokenizer.from_pretrained(bundled_tokenizer_dir())
+        self.noise_scheduler = architecture.make_train_scheduler()
+        self.ema: dict[str, torch.nn.Module] = {}
+        self.state = TrainState()
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    # ------------------------------------------------------------------------------------ checkpoints
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out_dir / "checkpoint.pt"
+
+    def save_checkpoint(self) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "state": asdict(self.state),
+            "config": asdict(self.config),
+            "vae": self.vae.state_dict(),
+            "text_encoder": self.text_encoder.state_dict(),
+            "unet": self.unet.state_dict(),
+            "ema": {name: module.state_dict() for name, module in self.ema.items()},
+            "optimizer": self.optimizer.state_dict() if self.optimizer else None,
+        }
+        tmp = self.checkpoint_path.with_suffix(".tmp")
+        torch.save(payload, tmp)
+        tmp.replace(self.checkpoint_path)  # atomic: a kill never leaves half a checkpoint
+
+    def load_checkpoint(self) -> None:
+        # Our own file, and still loaded with weights_only=True: tensors and plain containers only.
+        payload = torch.load(self.checkpoint_path, weights_only=True)
+        self.state = TrainState(**payload["state"])
+        self.vae.load_state_dict(payload["vae"])
+        self.text_encoder.load_state_dict(payload["text_encoder"])
+        self.unet.load_state_dict(payload["unet"])
+        self._start_phase(self.state.phase)
+        for name, weights in payload["ema"].items():
+            self.ema[name].load_state_dict(weights)
+        if payload["optimizer"] and self.optimizer:
+            self.optimizer.load_state_dict(payload["optimizer"])
+
+    # ------------------------------------------------------------------------------------------ phases
+    def _trainable(self, phase: str) -> list[torch.nn.Module]:
+        return {
+            "vae": [self.vae],
+            "unet": [self.unet, self.text_encoder],
+            "decoder": [self.vae.decoder, self.vae.post_quant_conv],
+        }[phase]
+
+    def _start_phase(self, phase: str) -> None:
+        cfg = self.config
+        for module in (self.vae, self.unet, self.text_encoder):
+            module.requires_grad_(False)
+        params = []
+        for module in self._trainable(phase):
+            module.requires_grad_(True)
+            params += list(module.parameters())
+        peak = {"vae": cfg.vae_lr, "unet": cfg.unet_lr, "decoder": cfg.decoder_lr}[phase]
+        self.optimizer = torch.optim.AdamW(params, lr=peak, weight_decay=cfg.weight_decay)
+        self.ema = {}
+        if phase == "unet":
+            self.ema = {"unet": copy.deepcopy(self.unet), "text_encoder": copy.deepcopy(self.text_encoder)}
+            for module in self.ema.values():
+                module.requires_grad_(False)
+
+    def _total(self, phase: str) -> int:
+        return {
+            "vae": self.config.vae_iterations,
+            "unet": self.config.unet_iterations,
+            "decoder": self.config.decoder_iterations,
+        }[phase]
+
+    def _peak(self, phase: str) -> float:
+        return {"vae": self.config.vae_lr, "unet": self.config.unet_lr, "decoder": self.config.decoder_lr}[phase]
+
+    # ------------------------------------------------------------------------------------------ steps
+    def _batch(self, phase: str, step: int) -> tuple[torch.Tensor, list[str], torch.Generator]:
+        images, captions = training_batch(self.config.seed * 1000 + PHASE_SEEDS[phase], step, self.config.batch_size)
+        generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + PHASE_SEEDS[phase] * 100_000 + step)
+        return to_tensor(images), captions, generator
+
+    def _vae_loss(self, pixels: torch.Tensor, generator: torch.Generator, decoder_only: bool) -> torch.Tensor:
+        if decoder_only:
+            with torch.no_grad():
+                posterior = self.vae.encode(pixels).latent_dist
+                latents = posterior.sample(generator)
+            kl = torch.zeros(())
+        else:
+            posterior = self.vae.encode(pixels).latent_dist
+            latents = posterior.sample(generator)
+            kl = posterior.kl().mean()
+        recon = self.vae.decode(latents).sample
+        return F.mse_loss(recon, pixels) + 0.1 * F.l1_loss(recon, pixels) + self.config.kl_weight * kl
+
+    def encode_prompts(self, captions: list[str], text_encoder: torch.nn.Module) -> torch.Tensor:
+        ids = self.tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+        return text_encoder(ids.input_ids)[0]
+
+    def _unet_loss(self, pixels: torch.Tensor, captions: list[str], generator: torch.Generator) -> torch.Tensor:
+        with torch.no_grad():
+            latents = self.vae.encode(pixels).latent_dist.sample(generator) * self.state.scaling_factor
+        drop = torch.rand(len(captions), generator=generator) < self.config.caption_dropout
+        captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        noise = torch.randn(latents.shape, generator=generator)
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(captions),), generator=generator)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        prediction = self.unet(noisy, timesteps, self.encode_prompts(captions, self.text_encoder)).sample
+        return F.mse_loss(prediction, target)
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        decay = self.config.ema_decay
+        for name, ema_module in self.ema.items():
+            live = getattr(self, name)
+            for ema_param, param in zip(ema_module.parameters(), live.parameters()):
+                ema_param.lerp_(param, 1 - decay)
+
+    @torch.no_grad()
+    def measure_scaling_factor(self) -> float:
+        samples = []
+        for step in range(8):
+            pixels, _, generator = self._batch("vae", 1_000_000 + step)
+            samples.append(self.vae.encode(pixels).latent_dist.sample(generator))
+        return float(1.0 / torch.cat(samples).std())
+
+    # ------------------------------------------------------------------------------------------- run
+    def run(self, minutes: float | None = None, progress: Callable[[str, int, int, float], None] | None = None) -> bool:
+        """Train until every phase is done (True) or the time cap is reached (False, checkpoint saved)."""
+        torch.set_num_threads(self.config.threads)
+        deadline = time.monotonic() + minutes * 60 if minutes else None
+        phases = ["vae", "unet", "decoder"]
+        if self.optimizer is None:
+            self._start_phase(self.state.phase)
+        while self.state.phase != "done":
+            phase = self.state.phase
+            total = self._total(phase)
+            while self.state.step < total:
+                if deadline and time.monotonic() > deadline:
+                    self.save_checkpoint()
+                    return False
+                started = time.monotonic()
+                step = self.state.step
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr_at(step, total, self._peak(phase), self.config.warmup)
+                pixels, captions, generator = self._batch(phase, step)
+                if phase == "unet":
+                    loss = self._unet_loss(pixels, captions, generator)
+                else:
+                    loss = self._vae_loss(pixels, generator, decoder_only=phase == "decoder")
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                params = [p for group in self.optimizer.param_groups for p in group["params"]]
+                torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
+                self.optimizer.step()
+                self._update_ema()
+                self.state.step += 1
+                self.state.seconds += time.monotonic() - started
+                if progress:
+                    progress(phase, self.state.step, total, float(loss))
+                if self.state.step % self.config.checkpoint_every == 0:
+                    self.save_checkpoint()
+                if phase == "unet" and (self.state.step % self.config.eval_every == 0 or self.state.step == total):
+                    self.record_eval()
+            # Phase finished.
+            if phase == "vae":
+                self.state.scaling_factor = self.measure_scaling_factor()
+                self.log(f"vae done; latent scaling factor {self.state.scaling_factor:.4f}")
+            elif phase == "decoder":
+                self.record_eval(label="decoder")
+            next_phase = phases[phases.index(phase) + 1] if phase != "decoder" else "done"
+            self.state.phase, self.state.step = next_phase, 0
+            if next_phase != "done":
+                self._start_phase(next_phase)
+            self.save_checkpoint()
+        return True
+
+    # ------------------------------------------------------------------------------------------ eval
+    def pipeline(self, use_ema: bool = True):
+        from diffusers import StableDiffusionPipeline
+
+        vae = copy.deepcopy(self.vae)
+        vae.register_to_config(scaling_factor=self.state.scaling_factor)
+        return StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=self.ema["text_encoder"] if use_ema and self.ema else self.text_encoder,
+            tokenizer=self.tokenizer,
+            unet=self.ema["unet"] if use_ema and self.ema else self.unet,
+            scheduler=architecture.make_inference_scheduler(),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+
+    def record_eval(self, label: str = "unet") -> None:
+        pipe = self.pipeline(use_ema=True)
+        pipe.set_progress_bar_config(disable=True)
+        scores = evaluate(pipe, n_prompts=40, seeds=(0,))
+        entry = {"phase": label, "iteration": self.state.step, "minutes": round(self.state.seconds / 60, 2), **scores}
+        self.state.curve.append(entry)
+        (self.out_dir / "curve.jsonl").open("a").write(json.dumps(entry) + "\n")
+        self.log(json.dumps(entry))
+
+
+def eval_scenes(n_prompts: int) -> list[tuple[Scene, bool]]:
+    """Half trained, half held-out scenes, spread evenly (fixed, so every run is judged on the same set)."""
+    trained, held = training_scenes(), held_out_scenes()
+    half = n_prompts // 2
+    pick = lambda scenes, k: [scenes[(i * len(scenes)) // k] for i in range(k)]  # noqa: E731
+    return [(s, False) for s in pick(trained, n_prompts - half)] + [(s, True) for s in pick(held, half)]
+
+
+@torch.no_grad()
+def evaluate(pipe, n_prompts: int = 40, seeds: tuple[int, ...] = (0, 1), steps: int = 20, cfg: float = 5.0) -> dict:
+    """Judge per-attribute accuracy on trained and held-out prompts."""
+    scenes = eval_scenes(n_prompts)
+    results: dict[str, list[float]] = {}
+    for seed in seeds:
+        prompts = [s.caption() for s, _ in scenes]
+        generators = [torch.Generator().manual_seed(seed * 10_000 + i) for i in range(len(prompts))]
+        images = pipe(
+            prompts, num_inference_steps=steps, guidance_scale=cfg, generator=generators, output_type="np"
+        ).images
+        for (scene, held), image in zip(scenes, images):
+            verdict = judge_trained((image * 255).round().astype(np.uint8))
+            ok = verdict.matches(colour=scene.colour, shape=scene.shape, position=scene.position, background=scene.background)
+            group = "held_out" if held else "trained"
+            for attribute, right in ok.items():
+                results.setdefault(f"{group}_{attribute}", []).append(float(right))
+            results.setdefault(f"{group}_all", []).append(float(all(ok.values())))
+    return {k: round(sum(v) / len(v), 3) for k, v in sorted(results.items())}
+
+
+def export_model(trainer: Trainer, model_dir: Path) -> Path:
+    """Write the diffusers folder (weights stored as float16, loaded as float32) and its model card."""
+    pipe = trainer.pipeline(use_ema=True)
+    pipe.to(torch.float16)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(model_dir, safe_serialization=True)
+    return model_dir
