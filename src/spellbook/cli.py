@@ -22,6 +22,16 @@ toy_app = typer.Typer(help="The embedded shapes model: judge images, train the m
 app.add_typer(models_app, name="models")
 app.add_typer(toy_app, name="toy")
 
+@app.callback()
+def root(
+    allow_pickle: Annotated[bool, typer.Option(
+        "--allow-pickle", help="Load pickled checkpoints (.ckpt/.pt/.bin): scanned first, then weights only.")] = False,
+) -> None:
+    """Spellbook: a self-hosted Stable Diffusion studio."""
+    if allow_pickle:
+        os.environ["SPELLBOOK_ALLOW_PICKLE"] = "1"
+
+
 Out = Annotated[Path, typer.Option("--out", "-o", help="Folder for the PNGs.")]
 Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 
@@ -84,23 +94,31 @@ def _generation_request(
     return {k: v for k, v in request.items() if v is not None}
 
 
-def _run_and_save(studio, request, out: Path, as_json: bool, count: int = 1, **images) -> list[dict]:
+def _run(studio, request, out: Path, show_progress: bool, count: int = 1, **images) -> list[dict]:
+    """Run `count` batches of one request (batch k starts at seed + k * batch size); save; return records."""
     records = []
     recipe, inputs, components = studio.prepare(request, **images)
     for run in range(count):
         if run:
             recipe = recipe.with_(seed=recipe.seed + recipe.batch_size)
-        bar, callback = _progress_bar(f"{recipe.kind} {recipe.width}x{recipe.height}", not as_json and sys.stderr.isatty())
+        bar, callback = _progress_bar(f"{recipe.kind} {recipe.width}x{recipe.height}", show_progress)
         with bar:
             results = studio.run(recipe, inputs, components, progress=callback)
         for saved in studio.save(results, out):
             records.append({"path": str(saved.path), "seed": saved.recipe.image_seed, "recipe": saved.recipe.to_dict()})
+    return records
+
+
+def _report(records: list[dict], as_json: bool) -> None:
     if as_json:
         _echo_json(records)
     else:
         for record in records:
             typer.echo(record["path"])
-    return records
+
+
+def _run_and_save(studio, request, out: Path, as_json: bool, count: int = 1, **images) -> None:
+    _report(_run(studio, request, out, not as_json and sys.stderr.isatty(), count, **images), as_json)
 
 
 # Shared generation options, as Annotated aliases so each command reads as its flags.
@@ -144,8 +162,8 @@ def generate(
         for i, line in enumerate(prompts):
             request = _generation_request(line, negative, steps, cfg, sampler, schedule, size, base_seed + i, batch,
                                           model, vae, clip_skip)
-            records += _run_and_save(studio, request, out, as_json=True, count=count) if as_json else \
-                _run_and_save(studio, request, out, as_json=False, count=count)
+            records += _run(studio, request, out, not as_json and sys.stderr.isatty(), count)
+        _report(records, as_json)
         return
     if prompt is None:
         raise UserError("give a prompt, e.g. spellbook generate \"a red circle\"", field="prompt")

@@ -110,8 +110,8 @@ def _mask_to_l(mask: Image.Image) -> Image.Image:
     return mask.convert("L")
 
 
-def _pipeline(components: Components, recipe: Recipe):
-    scheduler = make_scheduler(recipe.sampler, recipe.schedule, components.scheduler_config)
+def _pipeline(components: Components, recipe: Recipe, noise_seed: int):
+    scheduler = make_scheduler(recipe.sampler, recipe.schedule, components.scheduler_config, noise_seed)
     cls = {
         "txt2img": StableDiffusionPipeline,
         "img2img": StableDiffusionImg2ImgPipeline,
@@ -141,7 +141,7 @@ def _run_group(
     progress: ProgressCallback | None,
     cancel: threading.Event | None,
 ) -> np.ndarray:
-    pipe = _pipeline(components, recipe)
+    pipe = _pipeline(components, recipe, noise_seed=recipe.seed + start)
     # 1. Encode the prompt (A1111 syntax, long prompts) once; every image of the group shares it.
     positive, negative = encode_prompt_pair(
         components.tokenizer, components.text_encoder, recipe.prompt, recipe.negative_prompt, recipe.clip_skip

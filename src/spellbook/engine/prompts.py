@@ -148,7 +148,8 @@ def encode_chunks(text_encoder, chunks: TokenChunks, clip_skip: int = 1) -> torc
             z = text_encoder(input_ids)[0]
         else:
             hidden = text_encoder(input_ids, output_hidden_states=True).hidden_states[-clip_skip]
-            z = text_encoder.text_model.final_layer_norm(hidden)
+            # transformers 5 flattened CLIPTextModel (no .text_model); older versions nest it.
+            z = getattr(text_encoder, "text_model", text_encoder).final_layer_norm(hidden)
         if any(w != 1.0 for w in weights):
             original_mean = z.mean()
             z = z * torch.tensor(weights, device=device, dtype=z.dtype)[None, :, None]

@@ -60,10 +60,16 @@ SCHEDULE_OPTIONS = {"Karras": "use_karras_sigmas", "Exponential": "use_exponenti
 assert set(SAMPLER_SPECS) == set(SAMPLERS), "recipe.SAMPLERS and the scheduler table must name the same samplers"
 
 
-def make_scheduler(sampler: str, schedule: str, model_config: dict[str, Any]):
-    """A fresh scheduler for one generation (schedulers keep per-run state, so never share one)."""
+def make_scheduler(sampler: str, schedule: str, model_config: dict[str, Any], noise_seed: int | None = None):
+    """A fresh scheduler for one generation (schedulers keep per-run state, so never share one).
+
+    `noise_seed` seeds the Brownian tree of samplers that draw their own noise (DPM++ SDE); without it
+    they would pick a random seed and no image could be reproduced.
+    """
     spec = SAMPLER_SPECS[sampler]
     options = dict(spec.options)
+    if spec.accepts("noise_sampler_seed"):
+        options["noise_sampler_seed"] = noise_seed
     option = SCHEDULE_OPTIONS.get(schedule)
     if option:
         if not spec.accepts(option):

@@ -146,22 +146,44 @@ def _in_cell(cx: float, cy: float, position: str, margin: float) -> bool:
     return x0 <= cx <= x1 and y0 <= cy <= y1
 
 
+def _place_in_cell(
+    position: str, offset_x: float, offset_y: float, w: int, h: int, big: int, rng: np.random.Generator
+) -> tuple[float, float]:
+    """Box corner such that the shape's centroid falls in the cell, where the canvas allows it."""
+    margin = 0.03
+    thirds = {"first": (margin, 1 / 3 - margin), "mid": (1 / 3 + margin, 2 / 3 - margin), "last": (2 / 3 + margin, 1 - margin)}
+    cell_x, cell_y = {
+        "left": ("first", "mid"), "right": ("last", "mid"), "top": ("mid", "first"),
+        "bottom": ("mid", "last"), "center": ("mid", "mid"),
+    }[position]
+
+    def axis(cell: str, offset: float, extent: int) -> float:
+        lo = max(thirds[cell][0] * big - offset, 0.0)
+        hi = min(thirds[cell][1] * big - offset, big - extent)
+        return rng.uniform(lo, hi) if hi > lo else min(max(lo, 0.0), big - extent)
+
+    return axis(cell_x, offset_x, w), axis(cell_y, offset_y, h)
+
+
 def render(scene: Scene, rng: np.random.Generator, size: int = NATIVE_SIZE, noise: float = 0.0) -> np.ndarray:
     """Draw one scene; returns uint8 HxWx3. Size and position jitter come from `rng`."""
     big = size * SUPERSAMPLE
-    for _ in range(200):
+    for attempt in range(400):
         side_w = rng.uniform(*SIZE_RANGE) * big
         side_h = side_w * rng.uniform(0.9, 1.1)
         w, h = max(int(round(side_w)), 4), max(int(round(side_h)), 4)
-        left = rng.uniform(0, big - w)
-        top = rng.uniform(0, big - h)
         mask = shape_mask(scene.shape, h, w)
         ys, xs = np.nonzero(mask)
+        if attempt < 200:  # plain rejection sampling: what the shipped model was trained on
+            left = rng.uniform(0, big - w)
+            top = rng.uniform(0, big - h)
+        else:  # rare: place the centroid inside the cell directly (a big triangle at the top, say)
+            left, top = _place_in_cell(scene.position, xs.mean() + 0.5, ys.mean() + 0.5, w, h, big, rng)
         cx = (left + xs.mean() + 0.5) / big
         cy = (top + ys.mean() + 0.5) / big
         if _in_cell(cx, cy, scene.position, margin=0.02):
             break
-    else:  # pragma: no cover - the cells are wide enough that this never happens
+    else:  # pragma: no cover - the direct placement always finds room for the smaller sizes
         raise RuntimeError(f"could not place {scene}")
     canvas = np.zeros((big, big), dtype=np.float32)
     x0, y0 = int(round(left)), int(round(top))

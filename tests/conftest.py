@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny random-weight components, a tiny model folder, an isolated SPELLBOOK_HOME."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+from tiny import tiny_components  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    return tiny_components()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny) -> Path:
+    """The tiny components saved as a diffusers folder, as a user's model would be."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    folder = tmp_path_factory.mktemp("models") / "tiny"
+    pipe = StableDiffusionPipeline(
+        vae=tiny.vae,
+        text_encoder=tiny.text_encoder,
+        tokenizer=tiny.tokenizer,
+        unet=tiny.unet,
+        scheduler=DDIMScheduler.from_config(tiny.scheduler_config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    (folder / "spellbook.json").write_text(
+        '{"family": "sd-v1", "defaults": {"width": 16, "height": 16, "steps": 4, "sampler": "DDIM", '
+        '"schedule": "Automatic", "guidance": 6.0}}'
+    )
+    return folder
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    """An empty SPELLBOOK_HOME for one test."""
+    path = tmp_path / "home"
+    monkeypatch.setenv("SPELLBOOK_HOME", str(path))
+    return path
+
+
+@pytest.fixture
+def studio(home, tiny_model_dir):
+    """A studio whose models folder holds the tiny model, registered as `tiny`."""
+    from spellbook.settings import Settings
+    from spellbook.studio import Studio
+
+    s = Studio(Settings.from_env())
+    s.cache.registry.add(tiny_model_dir, "tiny")
+    return s

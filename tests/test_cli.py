@@ -1,0 +1,162 @@
+"""The CLI as a user meets it: real commands, real files; bad input exits 2 with one line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from spellbook.cli import main
+from spellbook.infotext import parse_infotext, read_png_text
+
+
+def run(args, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["spellbook", *map(str, args)])
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code or 0
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch, home, tiny_model_dir):
+    def call(*args):
+        return run(args, capsys, monkeypatch)
+
+    code, _, err = call("models", "add", tiny_model_dir, "--name", "tiny")
+    assert code == 0, err
+    return call
+
+
+def test_generate_writes_pngs_whose_metadata_reads_as_a1111(cli, tmp_path):
+    code, out, err = cli("generate", "a red circle on the left", "--model", "tiny", "--seed", "7", "--batch", "2",
+                         "--negative", "blurry", "--out", tmp_path / "out", "--json")
+    assert code == 0, err
+    records = json.loads(out)
+    assert [r["seed"] for r in records] == [7, 8]
+    prompt, negative, params = parse_infotext(read_png_text(records[1]["path"])["parameters"])
+    assert (prompt, negative) == ("a red circle on the left", "blurry")
+    assert params["Seed"] == "8" and params["Size"] == "16x16" and params["Model"] == "tiny"
+    assert params["Model hash"] == records[1]["recipe"]["model"]["sha256"][:10]
+
+
+def test_from_file_uses_seed_plus_line_number(cli, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n\na blue square\n")
+    code, out, err = cli("generate", "--from-file", prompts, "--seed", "100", "--model", "tiny", "--out", tmp_path / "o",
+                         "--json")
+    assert code == 0, err
+    assert [(r["recipe"]["prompt"], r["seed"]) for r in json.loads(out)] == [("a red circle", 100), ("a blue square", 101)]
+
+
+def test_info_reproduce_and_verify(cli, tmp_path):
+    code, out, _ = cli("generate", "a green triangle", "--model", "tiny", "--seed", "3", "--batch", "2",
+                       "--out", tmp_path / "o", "--json")
+    second = json.loads(out)[1]["path"]
+    code, out, _ = cli("info", second)
+    assert code == 0 and "Seed: 4" in out and "a green triangle" in out
+    code, out, _ = cli("reproduce", second, "--out", tmp_path / "r", "--json")
+    assert code == 0
+    again = json.loads(out)["path"]
+    assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(second)))
+    code, out, _ = cli("verify", second)
+    assert (code, out.strip()) == (0, "identical: every pixel matches")
+
+
+def test_verify_detects_a_changed_pixel(cli, tmp_path):
+    code, out, _ = cli("generate", "a green triangle", "--model", "tiny", "--seed", "3", "--out", tmp_path, "--json")
+    path = json.loads(out)[0]["path"]
+    chunks = read_png_text(path)
+    pixels = np.asarray(Image.open(path)).copy()
+    pixels[0, 0] = 255 - pixels[0, 0]
+    from spellbook.infotext import write_png_text
+
+    write_png_text(Image.fromarray(pixels), path, chunks)
+    code, out, _ = cli("verify", path, "--json")
+    report = json.loads(out)
+    assert code == 1 and not report["identical"] and report["differing_pixels"] == 1
+
+
+def test_verify_detects_a_changed_recipe(cli, tmp_path):
+    code, out, _ = cli("generate", "a green triangle", "--model", "tiny", "--seed", "3", "--out", tmp_path, "--json")
+    path = json.loads(out)[0]["path"]
+    chunks = read_png_text(path)
+    recipe = json.loads(chunks["spellbook"])
+    recipe["seed"] = 4
+    chunks["spellbook"] = json.dumps(recipe)
+    from spellbook.infotext import write_png_text
+
+    write_png_text(Image.open(path), path, chunks)
+    code, out, _ = cli("verify", path)
+    assert code == 1 and out.startswith("differs: PSNR")
+
+
+def test_img2img_and_inpaint_from_files(cli, tmp_path):
+    Image.new("RGB", (20, 20), (200, 30, 30)).save(tmp_path / "sketch.png")  # not a multiple of 8: rounded down
+    mask = Image.new("L", (20, 20), 0)
+    mask.paste(255, (4, 4, 12, 12))
+    mask.save(tmp_path / "mask.png")
+    code, out, err = cli("img2img", tmp_path / "sketch.png", "a cactus garden", "--model", "tiny", "--strength", "0.5",
+                         "--out", tmp_path / "o", "--json")
+    assert code == 0, err
+    record = json.loads(out)[0]
+    assert (record["recipe"]["width"], record["recipe"]["kind"], record["recipe"]["strength"]) == (16, "img2img", 0.5)
+    code, out, err = cli("inpaint", tmp_path / "sketch.png", tmp_path / "mask.png", "a red circle", "--model", "tiny",
+                         "--out", tmp_path / "o", "--json")
+    assert code == 0, err
+    path = json.loads(out)[0]["path"]
+    code, out, _ = cli("verify", path)  # init image and mask are found again by their hash
+    assert code == 0, out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["generate", "x", "--model", "tiny", "--sampler", "Eular a"], "did you mean 'Euler a'"),
+        (["generate", "x", "--model", "tiny", "--size", "500x500"], "multiples of 8, e.g. 496x496 or 504x504"),
+        (["generate", "x", "--model", "nope"], "unknown model 'nope'"),
+        (["generate", "x", "--model", "../../etc"], "is not a model"),
+        (["img2img", "missing.png", "x", "--model", "tiny"], "missing.png does not exist"),
+        (["img2img", "{not_image}", "x", "--model", "tiny"], "is not an image"),
+        (["inpaint", "{image}", "{small_mask}", "x", "--model", "tiny"], "mask is 8x8 but the image is 16x16"),
+        (["info", "{image}"], "carries no recipe"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(cli, tmp_path, args, message):
+    (tmp_path / "notes.txt").write_text("not an image")
+    Image.new("RGB", (16, 16)).save(tmp_path / "image.png")
+    Image.new("L", (8, 8)).save(tmp_path / "mask8.png")
+    names = {"{not_image}": tmp_path / "notes.txt", "{image}": tmp_path / "image.png", "{small_mask}": tmp_path / "mask8.png"}
+    code, out, err = cli(*[names.get(a, a) for a in args])
+    assert code == 2
+    assert message in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_pickled_model_is_refused_and_never_unpickled(cli, tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    import torch
+
+    torch.save({"x": Payload()}, tmp_path / "model.ckpt")
+    code, _, err = cli("generate", "x", "--model", tmp_path / "model.ckpt")
+    assert code == 2 and "--allow-pickle" in err
+    assert not marker.exists()
+
+
+def test_console_script_runs_as_a_process(tmp_path, home):
+    result = subprocess.run([sys.executable, "-m", "spellbook.cli", "generate", "x", "--size", "7x7"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error:") and "Traceback" not in result.stderr
