@@ -18,15 +18,15 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
-from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
+import torch
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from spellbook.engine.pipeline import generate  # noqa: E402
-from spellbook.engine.samplers import make_scheduler  # noqa: E402
-from spellbook.models.components import Components  # noqa: E402
-from spellbook.models.files import CONFIGS_DIR  # noqa: E402
-from spellbook.recipe import ModelRef, make_recipe  # noqa: E402
+from spellbook.engine.pipeline import generate
+from spellbook.engine.samplers import make_scheduler
+from spellbook.models.components import Components
+from spellbook.models.files import CONFIGS_DIR
+from spellbook.recipe import ModelRef, make_recipe
 
 
 def sd15_components() -> Components:

@@ -16,11 +16,11 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from spellbook.settings import Settings  # noqa: E402
-from spellbook.studio import Studio  # noqa: E402
-from spellbook.toy import world  # noqa: E402
-from spellbook.toy.judge import judge_trained  # noqa: E402
-from spellbook.toy.prompts import attributes_of  # noqa: E402
+from spellbook.settings import Settings
+from spellbook.studio import Studio
+from spellbook.toy import world
+from spellbook.toy.judge import judge_trained
+from spellbook.toy.prompts import attributes_of
 
 SHORT_PROMPTS = [world.caption_for(c, s, None, None) for c in world.COLOURS for s in world.TRAINED_SHAPES] + [
     world.caption_for(None, s, p, None) for s in world.TRAINED_SHAPES for p in world.POSITIONS

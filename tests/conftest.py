@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-from tiny import tiny_components  # noqa: E402
+from tiny import tiny_components
 
 
 @pytest.fixture(scope="session")

@@ -77,7 +77,7 @@ def test_img2img_follows_the_sketch_layout_and_the_prompt_colour_and_shape(shape
     sketch = crude_sketch()
     hits = 0
     for seed in range(6):
-        images, recipe = run(shapes, {"prompt": "a red square, white background", "kind": "img2img",
+        images, _ = run(shapes, {"prompt": "a red square, white background", "kind": "img2img",
                                       "strength": 0.7, "seed": seed, "size": "32x32"}, init_image=sketch)
         verdict = judge_trained(images[0])
         hits += (verdict.position, verdict.colour, verdict.background) == ("left", "red", "white")

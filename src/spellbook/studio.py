@@ -26,7 +26,7 @@ from spellbook.provenance import (
     recipe_from_foreign,
     save_png,
 )
-from spellbook.recipe import Build, InputRef, Limits, Recipe, make_recipe, validate
+from spellbook.recipe import Build, InputRef, Limits, ModelRef, Recipe, make_recipe, validate
 from spellbook.settings import Settings
 
 _NUMBERED = re.compile(r"^(\d{5})-")
@@ -55,11 +55,17 @@ class Studio:
 
     # ------------------------------------------------------------------------------------- preparing
     def components_for(self, model: str | None, vae: str | None = None, *, allow_paths: bool = True) -> Components:
-        components = self.cache.load(model or "shapes", allow_paths=allow_paths)
-        if vae:
-            vae_module, _ = self.cache.load_vae(vae, allow_paths=allow_paths)
-            components = components.with_vae(vae_module)
+        components, _ = self._components_and_vae(model, vae, allow_paths=allow_paths)
         return components
+
+    def _components_and_vae(
+        self, model: str | None, vae: str | None, *, allow_paths: bool
+    ) -> tuple[Components, ModelRef | None]:
+        components = self.cache.load(model or "shapes", allow_paths=allow_paths)
+        if not vae:
+            return components, None
+        vae_module, vae_ref = self.cache.load_vae(vae, allow_paths=allow_paths)
+        return components.with_vae(vae_module), vae_ref
 
     def prepare(
         self,
@@ -71,11 +77,9 @@ class Studio:
     ) -> tuple[Recipe, GenerationInputs, Components]:
         """Validate a request and resolve everything it names; nothing runs yet."""
         request = dict(request)
-        components = self.components_for(request.pop("model", None), request.get("vae"), allow_paths=allow_paths)
-        vae_ref = None
-        if request.get("vae"):
-            _, vae_ref = self.cache.load_vae(request["vae"], allow_paths=allow_paths)
-        request["vae"] = vae_ref
+        components, request["vae"] = self._components_and_vae(
+            request.pop("model", None), request.get("vae"), allow_paths=allow_paths
+        )
         defaults = components.recipe_defaults()
         kind = request.get("kind", "txt2img")
         inputs = GenerationInputs()
@@ -103,8 +107,6 @@ class Studio:
         request.pop("mask_path", None)
         request["build"] = Build.current(self.settings.device, self.settings.dtype)
         recipe = make_recipe(request, defaults, limits=self.limits)
-        from spellbook.recipe import ModelRef
-
         recipe = recipe.with_(model=ModelRef(components.ref.name, components.ref.sha256))
         return recipe, inputs, components
 
@@ -172,8 +174,7 @@ class Studio:
                     field="model",
                 )
             if recipe.vae:
-                vae_module, _ = self.cache.load_vae(recipe.vae.name)
-                components = components.with_vae(vae_module)
+                components = components.with_vae(self.cache.load_vae(recipe.vae.name)[0])
             inputs = GenerationInputs(
                 init_image=self.load_input(recipe.init_image, "init_image") if recipe.init_image else None,
                 mask=self.load_input(recipe.mask, "mask") if recipe.mask else None,

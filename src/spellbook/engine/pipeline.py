@@ -159,15 +159,15 @@ def _run_group(
             progress(Progress(step_index + 1, total, start, callback_kwargs["latents"]))
         return callback_kwargs
 
-    common = dict(
-        prompt_embeds=positive,
-        negative_prompt_embeds=negative,
-        num_inference_steps=recipe.steps,
-        guidance_scale=recipe.guidance,
-        generator=generators,
-        output_type="np",
-        callback_on_step_end=on_step_end,
-    )
+    common = {
+        "prompt_embeds": positive,
+        "negative_prompt_embeds": negative,
+        "num_inference_steps": recipe.steps,
+        "guidance_scale": recipe.guidance,
+        "generator": generators,
+        "output_type": "np",
+        "callback_on_step_end": on_step_end,
+    }
     # 4. Denoise and decode.
     with torch.inference_mode():
         if recipe.kind == "txt2img":

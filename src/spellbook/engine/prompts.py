@@ -32,9 +32,9 @@ _TOKEN = re.compile(
     | [^\\()\[\]:]+         # plain text
     | :                     # a colon that is not a weight
     """,
-    re.X,
+    re.VERBOSE,
 )
-_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
+_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.DOTALL)
 
 
 @dataclass(frozen=True)

@@ -288,7 +288,7 @@ def eval_scenes(n_prompts: int) -> list[tuple[Scene, bool]]:
     """Half trained, half held-out scenes, spread evenly (fixed, so every run is judged on the same set)."""
     trained, held = training_scenes(), held_out_scenes()
     half = n_prompts // 2
-    pick = lambda scenes, k: [scenes[(i * len(scenes)) // k] for i in range(k)]  # noqa: E731
+    pick = lambda scenes, k: [scenes[(i * len(scenes)) // k] for i in range(k)]
     return [(s, False) for s in pick(trained, n_prompts - half)] + [(s, True) for s in pick(held, half)]
 
 

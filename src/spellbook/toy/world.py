@@ -171,7 +171,7 @@ def render(scene: Scene, rng: np.random.Generator, size: int = NATIVE_SIZE, nois
     for attempt in range(400):
         side_w = rng.uniform(*SIZE_RANGE) * big
         side_h = side_w * rng.uniform(0.9, 1.1)
-        w, h = max(int(round(side_w)), 4), max(int(round(side_h)), 4)
+        w, h = max(round(side_w), 4), max(round(side_h), 4)
         mask = shape_mask(scene.shape, h, w)
         ys, xs = np.nonzero(mask)
         if attempt < 200:  # plain rejection sampling: what the shipped model was trained on
@@ -186,7 +186,7 @@ def render(scene: Scene, rng: np.random.Generator, size: int = NATIVE_SIZE, nois
     else:  # pragma: no cover - the direct placement always finds room for the smaller sizes
         raise RuntimeError(f"could not place {scene}")
     canvas = np.zeros((big, big), dtype=np.float32)
-    x0, y0 = int(round(left)), int(round(top))
+    x0, y0 = round(left), round(top)
     canvas[y0 : y0 + h, x0 : x0 + w] = mask[: big - y0, : big - x0]
     coverage = canvas.reshape(size, SUPERSAMPLE, size, SUPERSAMPLE).mean(axis=(1, 3))[..., None]
     fg = np.array(COLOURS[scene.colour], dtype=np.float32)
