@@ -33,7 +33,7 @@ class TrainConfig:
     batch_size: int = 64
     vae_iterations: int = 900
     vae_lr: float = 2e-3
-    unet_iterations: int = 3600
+    unet_iterations: int = 3300
     unet_lr: float = 1e-3
     decoder_iterations: int = 600
     decoder_lr: float = 5e-4
@@ -111,6 +111,7 @@ class Trainer:
     def load_checkpoint(self) -> None:
         # Our own file, and still loaded with weights_only=True: tensors and plain containers only.
         payload = torch.load(self.checkpoint_path, weights_only=True)
+        self.config = TrainConfig(**payload["config"])  # a resumed run goes on with the settings it started with
         self.state = TrainState(**payload["state"])
         self.vae.load_state_dict(payload["vae"])
         self.text_encoder.load_state_dict(payload["text_encoder"])
@@ -313,10 +314,41 @@ def evaluate(pipe, n_prompts: int = 40, seeds: tuple[int, ...] = (0, 1), steps: 
     return {k: round(sum(v) / len(v), 3) for k, v in sorted(results.items())}
 
 
-def export_model(trainer: Trainer, model_dir: Path) -> Path:
-    """Write the diffusers folder (weights stored as float16, loaded as float32) and its model card."""
+MODEL_DEFAULTS = {"width": 32, "height": 32, "steps": 20, "sampler": "DDIM", "schedule": "Automatic", "guidance": 5.0}
+
+
+def export_model(trainer: Trainer, model_dir: Path, defaults: dict | None = None) -> Path:
+    """Write the diffusers folder (weights stored as float16, loaded as float32), defaults and model card."""
     pipe = trainer.pipeline(use_ema=True)
     pipe.to(torch.float16)
     model_dir.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(model_dir, safe_serialization=True)
+    (model_dir / "spellbook.json").write_text(
+        json.dumps({"family": "shapes", "defaults": defaults or MODEL_DEFAULTS}, indent=2) + "\n"
+    )
+    (model_dir / "README.md").write_text(model_card(trainer))
     return model_dir
+
+
+def model_card(trainer: Trainer) -> str:
+    cfg, state = trainer.config, trainer.state
+    last = state.curve[-1] if state.curve else {}
+    return f"""# shapes — Spellbook's embedded Stable Diffusion model
+
+A Stable Diffusion 1.x-architecture model in miniature (AutoencoderKL, UNet2DConditionModel with
+cross-attention, CLIPTextModel, the real CLIP BPE tokenizer, a DDIM scheduler with v-prediction), trained
+from scratch by `spellbook toy train --seed {cfg.seed}` on procedurally drawn images of the shapes world
+(docs/shapes-world.md): one coloured circle, square or triangle at a position on a plain background,
+32x32 pixels, captions like "a red circle on the left, black background". Crosses and hearts are never drawn
+(reserved for textual inversion); 36 colour/shape/position/background combinations are held out.
+
+- Weights stored as float16 safetensors; Spellbook loads them as float32 (exact widening).
+- Latents 8x8x4 (VAE downsampling x4), latent scaling factor {state.scaling_factor:.4f} (measured).
+- Training: VAE {cfg.vae_iterations} iterations (lr {cfg.vae_lr}), then UNet + text encoder
+  {cfg.unet_iterations} iterations on the frozen encoder's latents (v-prediction, DDPM squaredcos_cap_v2,
+  AdamW lr {cfg.unet_lr} with {cfg.warmup}-step warm-up and cosine decay, weight decay {cfg.weight_decay}, grad clip
+  {cfg.grad_clip}, EMA {cfg.ema_decay}, batch {cfg.batch_size}, {cfg.caption_dropout:.0%} caption dropout), then
+  {cfg.decoder_iterations} iterations fine-tuning only the VAE decoder. {state.seconds / 60:.0f} minutes on 2 CPU cores.
+- Last evaluation during training (EMA weights, DDIM 20 steps, CFG 5, 40 prompts x 1 seed): {json.dumps(last)}
+- Defaults: {json.dumps(MODEL_DEFAULTS)}.
+"""
