@@ -27,7 +27,8 @@ def bytes_to_unicode() -> dict[int, str]:
 
 
 def main(bpe_path: str) -> None:
-    lines = gzip.open(bpe_path).read().decode("utf-8").split("\n")
+    with gzip.open(bpe_path) as handle:
+        lines = handle.read().decode("utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
     vocab = list(bytes_to_unicode().values())
     vocab = vocab + [v + "</w>" for v in vocab]

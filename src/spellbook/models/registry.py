@@ -24,6 +24,7 @@ from spellbook.settings import Settings
 BUILTIN = "shapes"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+ -]{0,127}$")
 SINGLE_FILE_SUFFIXES = {".safetensors"}
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 @dataclass(frozen=True)
@@ -113,14 +114,31 @@ class ModelRegistry:
                 return ModelEntry(path.stem if path.is_file() else path.name, path.resolve(), fmt)
         if not allow_paths and ("/" in name_or_path or "\\" in name_or_path or ".." in name_or_path):
             raise Refused(f"model {name_or_path!r}: only names from the models folder are accepted here", field="model")
-        if "/" in name_or_path and not Path(name_or_path).exists():
-            raise UserError(
-                f"model {name_or_path!r} is not in the models folder and looks like a hub id; Spellbook does not "
-                "download at run time: download it where the network allows, then `spellbook models add PATH`",
-                field="model",
-            )
+        if HUB_ID.match(name_or_path) and not Path(name_or_path).exists():
+            return self.download(name_or_path)
         names = [e.name for e in self.list()]
         raise NotFound(f"unknown model {name_or_path!r}; {suggest(name_or_path, names)}", field="model")
+
+    def download(self, repo_id: str) -> ModelEntry:
+        """A hub id, fetched once into the models folder (safetensors and configs only) where allowed."""
+        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+            raise UserError(
+                f"model {repo_id!r} is not in the models folder and looks like a hub id; downloads are off "
+                "(HF_HUB_OFFLINE=1): set HF_HUB_OFFLINE=0 where the network allows, or download it elsewhere and "
+                "`spellbook models add PATH`",
+                field="model",
+            )
+        from huggingface_hub import snapshot_download
+
+        name = check_name(repo_id.replace("/", "--"))
+        target = self.folder / name
+        try:
+            snapshot_download(repo_id, local_dir=target, allow_patterns=["*.json", "*.txt", "*.safetensors"])
+        except Exception as exc:  # noqa: BLE001 - network and hub errors come in many types; all mean "not downloaded"
+            raise UserError(f"could not download {repo_id!r}: {exc}", field="model") from None
+        if entry_format(target) != "diffusers":
+            raise UserError(f"{repo_id!r} is not a diffusers Stable Diffusion repository", field="model")
+        return ModelEntry(name, target, "diffusers")
 
     def add(self, source: Path, name: str | None = None, *, copy: bool = False) -> ModelEntry:
         """Register a model under a name: a symlink into the models folder (or a copy with copy=True)."""
