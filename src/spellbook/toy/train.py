@@ -117,6 +117,8 @@ class Trainer:
         self.text_encoder.load_state_dict(payload["text_encoder"])
         self.unet.load_state_dict(payload["unet"])
         self._start_phase(self.state.phase)
+        if payload["ema"] and not self.ema:
+            self.ema = {"unet": copy.deepcopy(self.unet), "text_encoder": copy.deepcopy(self.text_encoder)}
         for name, weights in payload["ema"].items():
             self.ema[name].load_state_dict(weights)
         if payload["optimizer"] and self.optimizer:
@@ -134,14 +136,16 @@ class Trainer:
         cfg = self.config
         for module in (self.vae, self.unet, self.text_encoder):
             module.requires_grad_(False)
+        if phase == "done":
+            self.optimizer = None
+            return
         params = []
         for module in self._trainable(phase):
             module.requires_grad_(True)
             params += list(module.parameters())
         peak = {"vae": cfg.vae_lr, "unet": cfg.unet_lr, "decoder": cfg.decoder_lr}[phase]
         self.optimizer = torch.optim.AdamW(params, lr=peak, weight_decay=cfg.weight_decay)
-        self.ema = {}
-        if phase == "unet":
+        if phase == "unet":  # the EMA of the UNet and text encoder is kept through the decoder phase
             self.ema = {"unet": copy.deepcopy(self.unet), "text_encoder": copy.deepcopy(self.text_encoder)}
             for module in self.ema.values():
                 module.requires_grad_(False)
@@ -236,7 +240,8 @@ class Trainer:
                 params = [p for group in self.optimizer.param_groups for p in group["params"]]
                 torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
                 self.optimizer.step()
-                self._update_ema()
+                if phase == "unet":
+                    self._update_ema()
                 self.state.step += 1
                 self.state.seconds += time.monotonic() - started
                 if progress:
