@@ -409,15 +409,15 @@ def toy_train(
             raise UserError(f"{out} already has a checkpoint; pass --resume to continue it, or choose another --out",
                             field="out")
         trainer.load_checkpoint()
-    bar, _ = _progress_bar("training", True)
-    from rich.progress import Progress
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    with bar as progress_bar:
-        task = progress_bar.add_task("train", total=None) if isinstance(progress_bar, Progress) else None
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=Console(stderr=True)) as bar:
+        task = bar.add_task("training", total=None)
 
         def report(phase: str, step: int, total: int, loss: float) -> None:
-            if task is not None:
-                progress_bar.update(task, total=total, completed=step, description=f"{phase} loss {loss:.4f}")
+            bar.update(task, total=total, completed=step, description=f"{phase} loss {loss:.4f}")
 
         finished = trainer.run(minutes=minutes, progress=report)
     if not finished:

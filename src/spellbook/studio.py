@@ -13,7 +13,7 @@ from typing import Any
 
 from PIL import Image
 
-from spellbook.engine.pipeline import GenerationInputs, ProgressCallback, generate, to_pil
+from spellbook.engine.pipeline import GenerationInputs, ProgressCallback, check_mask_size, generate, to_pil
 from spellbook.errors import NotFound, UserError
 from spellbook.models.components import Components
 from spellbook.models.loading import ModelCache
@@ -95,12 +95,7 @@ class Studio:
             if kind == "inpaint":
                 if mask is None:
                     raise UserError("inpaint needs a mask", field="mask")
-                if mask.size != init_image.size:
-                    raise UserError(
-                        f"mask is {mask.width}x{mask.height} but the image is {init_image.width}x{init_image.height};"
-                        " they must be the same size",
-                        field="mask",
-                    )
+                check_mask_size(init_image, mask)
                 request["mask"] = self._store_input(mask, request.pop("mask_path", ""))
                 inputs.mask = mask
         request.pop("init_image_path", None)

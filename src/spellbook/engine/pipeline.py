@@ -89,16 +89,20 @@ def _check_inputs(
     if recipe.kind == "inpaint":
         if inputs.mask is None:
             raise UserError("inpaint needs a mask", field="mask")
-        if inputs.mask.size != inputs.init_image.size:
-            raise UserError(
-                f"mask is {inputs.mask.size[0]}x{inputs.mask.size[1]} but the image is "
-                f"{inputs.init_image.size[0]}x{inputs.init_image.size[1]}; they must be the same size",
-                field="mask",
-            )
+        check_mask_size(inputs.init_image, inputs.mask)
         mask = _mask_to_l(inputs.mask)
         if mask.size != size:
             mask = mask.resize(size, Image.NEAREST)
     return init_image, mask
+
+
+def check_mask_size(image: Image.Image, mask: Image.Image) -> None:
+    if mask.size != image.size:
+        raise UserError(
+            f"mask is {mask.width}x{mask.height} but the image is {image.width}x{image.height}; "
+            "they must be the same size",
+            field="mask",
+        )
 
 
 def _mask_to_l(mask: Image.Image) -> Image.Image:
