@@ -161,3 +161,17 @@ def test_console_script_runs_as_a_process(tmp_path, home):
                             capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error:") and "Traceback" not in result.stderr
+
+
+def test_reproducing_an_a1111_image_uses_its_recorded_model_or_says_it_is_missing(cli, tmp_path):
+    from spellbook.infotext import write_png_text
+
+    path = tmp_path / "a1111.png"
+    write_png_text(Image.new("RGB", (16, 16)), path, {"parameters": "a red circle\nNegative prompt: blurry\n"
+                   "Steps: 3, Sampler: Euler a, CFG scale: 7, Seed: 1234, Size: 16x16, Model hash: 6ce0161689, Model: v1-5"})
+    code, _, err = cli("reproduce", path, "--out", tmp_path / "o")
+    assert code == 2 and "unknown model 'v1-5'" in err
+    code, out, err = cli("reproduce", path, "--model", "tiny", "--out", tmp_path / "o", "--json")
+    assert code == 0, err
+    recipe = json.loads(out)["recipe"]
+    assert (recipe["prompt"], recipe["seed"], recipe["sampler"], recipe["steps"]) == ("a red circle", 1234, "Euler a", 3)

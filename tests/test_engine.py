@@ -166,3 +166,22 @@ def test_inpaint_rejects_a_mask_of_another_size(tiny):
     )
     with pytest.raises(UserError, match="mask is 8x8 but the image is 16x16"):
         generate(tiny, recipe, GenerationInputs(picture(0), Image.new("L", (8, 8))))
+
+
+@pytest.mark.parametrize("sampler", ["Heun", "DPM2", "DPM++ 2M", "Euler"])
+def test_karras_schedule_runs_on_an_sd_schedule(tiny, sampler):
+    recipe = make_recipe({"prompt": "x", "seed": 1, "sampler": sampler, "schedule": "Karras", "steps": 5},
+                         tiny.recipe_defaults())
+    assert np.isfinite(generate(tiny, recipe)).all()
+
+
+def test_a_schedule_that_repeats_timesteps_is_a_clear_error(tiny):
+    # A cosine noise schedule reaches extreme noise; Karras spacing then repeats timesteps (diffusers would
+    # step past its sigmas with an IndexError).
+    from dataclasses import replace
+
+    cosine = replace(tiny, scheduler_config={**tiny.scheduler_config, "beta_schedule": "squaredcos_cap_v2"})
+    recipe = make_recipe({"prompt": "x", "seed": 1, "sampler": "DPM++ 2M", "schedule": "Karras", "steps": 20},
+                         tiny.recipe_defaults())
+    with pytest.raises(UserError, match="repeats timesteps"):
+        generate(cosine, recipe)

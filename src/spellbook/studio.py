@@ -176,7 +176,10 @@ class Studio:
             )
             return validate(recipe, self.limits), inputs, components
         if meta.foreign is not None:
-            request = recipe_from_foreign(meta.foreign, model)
+            # The model the other tool recorded, by name (A1111: "Model", ComfyUI: the checkpoint file), unless
+            # the user names one; never silently another model.
+            recorded = Path(str(meta.foreign["model"])).stem if meta.foreign.get("model") else None
+            request = recipe_from_foreign(meta.foreign, model or recorded)
             recipe, inputs, components = self.prepare(request)
             return recipe, inputs, components
         raise UserError(f"{path} carries no recipe (no Spellbook, A1111 or ComfyUI metadata)", field="image")

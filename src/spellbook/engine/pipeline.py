@@ -116,6 +116,7 @@ def _mask_to_l(mask: Image.Image) -> Image.Image:
 
 def _pipeline(components: Components, recipe: Recipe, noise_seed: int):
     scheduler = make_scheduler(recipe.sampler, recipe.schedule, components.scheduler_config, noise_seed)
+    _check_timesteps(scheduler, recipe)
     cls = {
         "txt2img": StableDiffusionPipeline,
         "img2img": StableDiffusionImg2ImgPipeline,
@@ -133,6 +134,22 @@ def _pipeline(components: Components, recipe: Recipe, noise_seed: int):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _check_timesteps(scheduler, recipe: Recipe) -> None:
+    """Karras/exponential spacing can repeat timesteps on schedules that reach extreme noise (cosine ones):
+    diffusers then steps past the end of its sigmas. Say so instead of failing deep inside the sampler."""
+    if getattr(scheduler, "order", 1) > 1:  # second-order samplers (Heun, DPM2) repeat timesteps by design
+        return
+    probe = type(scheduler).from_config(scheduler.config)
+    probe.set_timesteps(recipe.steps)
+    timesteps = probe.timesteps.tolist()
+    if len(set(timesteps)) < len(timesteps):
+        raise UserError(
+            f"sampler {recipe.sampler!r} with the {recipe.schedule} schedule repeats timesteps on this model's noise "
+            f"schedule ({recipe.steps} steps); use schedule Automatic, or another sampler",
+            field="schedule",
+        )
 
 
 def _run_group(
