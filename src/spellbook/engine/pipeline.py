@@ -139,7 +139,9 @@ def _pipeline(components: Components, recipe: Recipe, noise_seed: int):
 def _check_timesteps(scheduler, recipe: Recipe) -> None:
     """Karras/exponential spacing can repeat timesteps on schedules that reach extreme noise (cosine ones):
     diffusers then steps past the end of its sigmas. Say so instead of failing deep inside the sampler."""
-    if getattr(scheduler, "order", 1) > 1:  # second-order samplers (Heun, DPM2) repeat timesteps by design
+    # Only the sigma spacings can degenerate; second-order samplers (Heun, DPM2) and PLMS repeat timesteps by
+    # design.
+    if recipe.schedule == "Automatic" or getattr(scheduler, "order", 1) > 1:
         return
     probe = type(scheduler).from_config(scheduler.config)
     probe.set_timesteps(recipe.steps)
