@@ -152,7 +152,10 @@ def generate(
             raise UserError("give a prompt or --from-file, not both", field="prompt")
         if not from_file.is_file():
             raise UserError(f"{from_file} does not exist", field="from_file")
-        prompts = [line.strip() for line in from_file.read_text().splitlines() if line.strip()]
+        try:
+            prompts = [line.strip() for line in from_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except UnicodeDecodeError:
+            raise UserError(f"{from_file} is not UTF-8 text (one prompt per line)", field="from_file") from None
         if not prompts:
             raise UserError(f"{from_file} has no prompts (one per line)", field="from_file")
         import random
