@@ -49,6 +49,8 @@ def test_vae_override_is_used_and_recorded(studio, tiny, tmp_path):
     recipe, _, components = studio.prepare({"prompt": "x", "model": "tiny", "vae": str(tmp_path / "my-vae")})
     assert recipe.vae is not None and recipe.vae.name == "my-vae" and len(recipe.vae.sha256) == 64
     assert components.vae is not studio.cache.load("tiny").vae
+    _, _, again = studio.prepare({"prompt": "x", "model": "tiny", "vae": str(tmp_path / "my-vae")})
+    assert again.vae is components.vae  # loaded once
     from spellbook.provenance import infotext
 
     assert f"VAE hash: {recipe.vae.sha256[:10]}" in infotext(recipe)

@@ -72,6 +72,7 @@ class ModelCache:
         self.settings = settings
         self.registry = registry or ModelRegistry(settings)
         self._loaded: dict[str, Components] = {}
+        self._vaes: dict[str, Any] = {}
         self._lock = threading.Lock()
 
     def load(self, name_or_path: str, *, allow_pickle: bool | None = None, allow_paths: bool = True) -> Components:
@@ -126,6 +127,9 @@ class ModelCache:
         from spellbook.models.registry import sha256_file, sha256_folder
 
         digest = sha256_folder(path) if path.is_dir() else sha256_file(path)
+        ref = ModelRef(path.stem if path.is_file() else path.name, digest)
+        if digest in self._vaes:  # loaded once per process, like models
+            return self._vaes[digest], ref
         dtype = _dtype(self.settings.dtype)
         if path.is_dir():
             vae = AutoencoderKL.from_pretrained(path, torch_dtype=dtype, use_safetensors=True)
@@ -136,7 +140,8 @@ class ModelCache:
                 path, config=str(CONFIGS_DIR / "sd-v1"), subfolder="vae", torch_dtype=dtype, local_files_only=True
             )
         vae.to(torch.device(self.settings.device)).eval().requires_grad_(False)
-        return vae, ModelRef(path.stem if path.is_file() else path.name, digest)
+        self._vaes[digest] = vae
+        return vae, ref
 
     def _vae_path(self, name_or_path: str, allow_paths: bool) -> Path:
         from spellbook.models.registry import check_name
