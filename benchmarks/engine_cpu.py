@@ -38,8 +38,15 @@ def sd15_components() -> Components:
     for module in (unet, vae, text_encoder):
         module.eval().requires_grad_(False)
     scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    return Components(vae, text_encoder, CLIPTokenizer.from_pretrained(folder / "tokenizer"), unet, scheduler_config,
-                      ModelRef("sd15-random", ""), "sd-v1")
+    return Components(
+        vae,
+        text_encoder,
+        CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+        unet,
+        scheduler_config,
+        ModelRef("sd15-random", ""),
+        "sd-v1",
+    )
 
 
 def main() -> None:
@@ -51,13 +58,29 @@ def main() -> None:
     rounds = args.rounds or (2 if args.quick else 5)
 
     c = sd15_components()
-    recipe = make_recipe({"prompt": "a photo of an otter, by greg rutkowski", "negative_prompt": "blurry",
-                          "seed": 1, "steps": 1, "sampler": "Euler", "schedule": "Automatic", "guidance": 7.0,
-                          "width": size, "height": size}, {})
+    recipe = make_recipe(
+        {
+            "prompt": "a photo of an otter, by greg rutkowski",
+            "negative_prompt": "blurry",
+            "seed": 1,
+            "steps": 1,
+            "sampler": "Euler",
+            "schedule": "Automatic",
+            "guidance": 7.0,
+            "width": size,
+            "height": size,
+        },
+        {},
+    )
     reference = StableDiffusionPipeline(
-        vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet,
+        vae=c.vae,
+        text_encoder=c.text_encoder,
+        tokenizer=c.tokenizer,
+        unet=c.unet,
         scheduler=make_scheduler("Euler", "Automatic", c.scheduler_config),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     reference.set_progress_bar_config(disable=True)
 
@@ -66,9 +89,16 @@ def main() -> None:
 
     def theirs() -> None:
         with torch.inference_mode():
-            reference(recipe.prompt, negative_prompt=recipe.negative_prompt, num_inference_steps=1,
-                      guidance_scale=recipe.guidance, height=size, width=size,
-                      generator=torch.Generator().manual_seed(1), output_type="np")
+            reference(
+                recipe.prompt,
+                negative_prompt=recipe.negative_prompt,
+                num_inference_steps=1,
+                guidance_scale=recipe.guidance,
+                height=size,
+                width=size,
+                generator=torch.Generator().manual_seed(1),
+                output_type="np",
+            )
 
     ours()  # warm-up both (allocator, kernels)
     theirs()
@@ -79,11 +109,21 @@ def main() -> None:
             fn()
             times[name].append(time.perf_counter() - started)
     ours_s, theirs_s = statistics.median(times["ours"]), statistics.median(times["diffusers"])
-    print(json.dumps({
-        "benchmark": "engine_cpu", "size": f"{size}x{size}", "rounds": rounds, "threads": torch.get_num_threads(),
-        "ours_s": round(ours_s, 3), "diffusers_s": round(theirs_s, 3), "ratio": round(ours_s / theirs_s, 3),
-        "ours_all_s": [round(t, 3) for t in times["ours"]], "diffusers_all_s": [round(t, 3) for t in times["diffusers"]],
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "engine_cpu",
+                "size": f"{size}x{size}",
+                "rounds": rounds,
+                "threads": torch.get_num_threads(),
+                "ours_s": round(ours_s, 3),
+                "diffusers_s": round(theirs_s, 3),
+                "ratio": round(ours_s / theirs_s, 3),
+                "ours_all_s": [round(t, 3) for t in times["ours"]],
+                "diffusers_all_s": [round(t, 3) for t in times["diffusers"]],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

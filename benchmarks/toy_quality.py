@@ -22,9 +22,11 @@ from spellbook.toy import world
 from spellbook.toy.judge import judge_trained
 from spellbook.toy.prompts import attributes_of
 
-SHORT_PROMPTS = [world.caption_for(c, s, None, None) for c in world.COLOURS for s in world.TRAINED_SHAPES] + [
-    world.caption_for(None, s, p, None) for s in world.TRAINED_SHAPES for p in world.POSITIONS
-] + [world.caption_for(None, s, None, b) for s in world.TRAINED_SHAPES for b in world.BACKGROUNDS]
+SHORT_PROMPTS = (
+    [world.caption_for(c, s, None, None) for c in world.COLOURS for s in world.TRAINED_SHAPES]
+    + [world.caption_for(None, s, p, None) for s in world.TRAINED_SHAPES for p in world.POSITIONS]
+    + [world.caption_for(None, s, None, b) for s in world.TRAINED_SHAPES for b in world.BACKGROUNDS]
+)
 
 
 def score(studio: Studio, prompts: list[str], seeds: int, overrides: dict) -> dict:
@@ -41,8 +43,11 @@ def score(studio: Studio, prompts: list[str], seeds: int, overrides: dict) -> di
                 for key, ok in matches.items():
                     per_attribute.setdefault(key, []).append(ok)
                 all_right.append(all(matches.values()))
-    return {"n": len(all_right), "all": round(sum(all_right) / len(all_right), 3),
-            **{k: round(sum(v) / len(v), 3) for k, v in sorted(per_attribute.items())}}
+    return {
+        "n": len(all_right),
+        "all": round(sum(all_right) / len(all_right), 3),
+        **{k: round(sum(v) / len(v), 3) for k, v in sorted(per_attribute.items())},
+    }
 
 
 def main() -> None:
@@ -54,8 +59,11 @@ def main() -> None:
     parser.add_argument("--cfg", type=float)
     parser.add_argument("--quick", action="store_true", help="every 4th combination, 1 seed")
     args = parser.parse_args()
-    overrides = {k: v for k, v in {"model": args.model, "sampler": args.sampler, "steps": args.steps,
-                                   "guidance": args.cfg}.items() if v is not None}
+    overrides = {
+        k: v
+        for k, v in {"model": args.model, "sampler": args.sampler, "steps": args.steps, "guidance": args.cfg}.items()
+        if v is not None
+    }
     studio = Studio(Settings.from_env())
     trained = [s.caption() for s in world.training_scenes()]
     held = [s.caption() for s in world.held_out_scenes()]

@@ -1,6 +1,6 @@
 """Render a grid of shapes-model samples (rows: prompts, columns: seeds) for the docs.
 
-    python scripts/shapes_grid.py docs/shapes-samples.png
+python scripts/shapes_grid.py docs/shapes-samples.png
 """
 
 import sys
@@ -32,7 +32,9 @@ def main(out: str) -> None:
     for row, prompt in enumerate(PROMPTS):
         recipe, inputs, components = studio.prepare({"prompt": prompt, "seed": 0, "batch_size": SEEDS})
         for col, result in enumerate(studio.run(recipe, inputs, components)):
-            grid.paste(result.image.resize((CELL - 4, CELL - 4), Image.NEAREST), (label_width + col * CELL + 2, row * CELL + 2))
+            grid.paste(
+                result.image.resize((CELL - 4, CELL - 4), Image.NEAREST), (label_width + col * CELL + 2, row * CELL + 2)
+            )
         draw.text((6, row * CELL + CELL // 2 - 6), prompt + (" (held out)" if prompt in held else ""), fill=(0, 0, 0))
     grid.save(out)
     print(out)

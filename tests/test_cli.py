@@ -36,8 +36,21 @@ def cli(capsys, monkeypatch, home, tiny_model_dir):
 
 
 def test_generate_writes_pngs_whose_metadata_reads_as_a1111(cli, tmp_path):
-    code, out, err = cli("generate", "a red circle on the left", "--model", "tiny", "--seed", "7", "--batch", "2",
-                         "--negative", "blurry", "--out", tmp_path / "out", "--json")
+    code, out, err = cli(
+        "generate",
+        "a red circle on the left",
+        "--model",
+        "tiny",
+        "--seed",
+        "7",
+        "--batch",
+        "2",
+        "--negative",
+        "blurry",
+        "--out",
+        tmp_path / "out",
+        "--json",
+    )
     assert code == 0, err
     records = json.loads(out)
     assert [r["seed"] for r in records] == [7, 8]
@@ -50,15 +63,30 @@ def test_generate_writes_pngs_whose_metadata_reads_as_a1111(cli, tmp_path):
 def test_from_file_uses_seed_plus_line_number(cli, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n\na blue square\n")
-    code, out, err = cli("generate", "--from-file", prompts, "--seed", "100", "--model", "tiny", "--out", tmp_path / "o",
-                         "--json")
+    code, out, err = cli(
+        "generate", "--from-file", prompts, "--seed", "100", "--model", "tiny", "--out", tmp_path / "o", "--json"
+    )
     assert code == 0, err
-    assert [(r["recipe"]["prompt"], r["seed"]) for r in json.loads(out)] == [("a red circle", 100), ("a blue square", 101)]
+    assert [(r["recipe"]["prompt"], r["seed"]) for r in json.loads(out)] == [
+        ("a red circle", 100),
+        ("a blue square", 101),
+    ]
 
 
 def test_info_reproduce_and_verify(cli, tmp_path):
-    code, out, _ = cli("generate", "a green triangle", "--model", "tiny", "--seed", "3", "--batch", "2",
-                       "--out", tmp_path / "o", "--json")
+    code, out, _ = cli(
+        "generate",
+        "a green triangle",
+        "--model",
+        "tiny",
+        "--seed",
+        "3",
+        "--batch",
+        "2",
+        "--out",
+        tmp_path / "o",
+        "--json",
+    )
     second = json.loads(out)[1]["path"]
     code, out, _ = cli("info", second)
     assert code == 0 and "Seed: 4" in out and "a green triangle" in out
@@ -104,13 +132,32 @@ def test_img2img_and_inpaint_from_files(cli, tmp_path):
     mask = Image.new("L", (20, 20), 0)
     mask.paste(255, (4, 4, 12, 12))
     mask.save(tmp_path / "mask.png")
-    code, out, err = cli("img2img", tmp_path / "sketch.png", "a cactus garden", "--model", "tiny", "--strength", "0.5",
-                         "--out", tmp_path / "o", "--json")
+    code, out, err = cli(
+        "img2img",
+        tmp_path / "sketch.png",
+        "a cactus garden",
+        "--model",
+        "tiny",
+        "--strength",
+        "0.5",
+        "--out",
+        tmp_path / "o",
+        "--json",
+    )
     assert code == 0, err
     record = json.loads(out)[0]
     assert (record["recipe"]["width"], record["recipe"]["kind"], record["recipe"]["strength"]) == (16, "img2img", 0.5)
-    code, out, err = cli("inpaint", tmp_path / "sketch.png", tmp_path / "mask.png", "a red circle", "--model", "tiny",
-                         "--out", tmp_path / "o", "--json")
+    code, out, err = cli(
+        "inpaint",
+        tmp_path / "sketch.png",
+        tmp_path / "mask.png",
+        "a red circle",
+        "--model",
+        "tiny",
+        "--out",
+        tmp_path / "o",
+        "--json",
+    )
     assert code == 0, err
     path = json.loads(out)[0]["path"]
     code, out, _ = cli("verify", path)  # init image and mask are found again by their hash
@@ -123,7 +170,7 @@ def test_img2img_and_inpaint_from_files(cli, tmp_path):
         (["generate", "x", "--model", "tiny", "--sampler", "Eular a"], "did you mean 'Euler a'"),
         (["generate", "x", "--model", "tiny", "--size", "500x500"], "multiples of 8, e.g. 496x496 or 504x504"),
         (["generate", "x", "--model", "nope"], "unknown model 'nope'"),
-        (["generate", "x", "--model", "../../etc"], "is not a model"),
+        (["generate", "x", "--model", "{folder}"], "is not a model"),
         (["img2img", "missing.png", "x", "--model", "tiny"], "missing.png does not exist"),
         (["img2img", "{not_image}", "x", "--model", "tiny"], "is not an image"),
         (["inpaint", "{image}", "{small_mask}", "x", "--model", "tiny"], "mask is 8x8 but the image is 16x16"),
@@ -134,7 +181,13 @@ def test_bad_input_exits_2_with_one_line(cli, tmp_path, args, message):
     (tmp_path / "notes.txt").write_text("not an image")
     Image.new("RGB", (16, 16)).save(tmp_path / "image.png")
     Image.new("L", (8, 8)).save(tmp_path / "mask8.png")
-    names = {"{not_image}": tmp_path / "notes.txt", "{image}": tmp_path / "image.png", "{small_mask}": tmp_path / "mask8.png"}
+    (tmp_path / "folder").mkdir()
+    names = {
+        "{folder}": tmp_path / "folder",
+        "{not_image}": tmp_path / "notes.txt",
+        "{image}": tmp_path / "image.png",
+        "{small_mask}": tmp_path / "mask8.png",
+    }
     code, _, err = cli(*[names.get(a, a) for a in args])
     assert code == 2
     assert message in err
@@ -157,8 +210,13 @@ def test_pickled_model_is_refused_and_never_unpickled(cli, tmp_path):
 
 
 def test_console_script_runs_as_a_process(tmp_path, home):
-    result = subprocess.run([sys.executable, "-m", "spellbook.cli", "generate", "x", "--size", "7x7"],
-                            capture_output=True, text=True, timeout=120, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "spellbook.cli", "generate", "x", "--size", "7x7"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error:") and "Traceback" not in result.stderr
 
@@ -167,11 +225,22 @@ def test_reproducing_an_a1111_image_uses_its_recorded_model_or_says_it_is_missin
     from spellbook.infotext import write_png_text
 
     path = tmp_path / "a1111.png"
-    write_png_text(Image.new("RGB", (16, 16)), path, {"parameters": "a red circle\nNegative prompt: blurry\n"
-                   "Steps: 3, Sampler: Euler a, CFG scale: 7, Seed: 1234, Size: 16x16, Model hash: 6ce0161689, Model: v1-5"})
+    write_png_text(
+        Image.new("RGB", (16, 16)),
+        path,
+        {
+            "parameters": "a red circle\nNegative prompt: blurry\n"
+            "Steps: 3, Sampler: Euler a, CFG scale: 7, Seed: 1234, Size: 16x16, Model hash: 6ce0161689, Model: v1-5"
+        },
+    )
     code, _, err = cli("reproduce", path, "--out", tmp_path / "o")
     assert code == 2 and "unknown model 'v1-5'" in err
     code, out, err = cli("reproduce", path, "--model", "tiny", "--out", tmp_path / "o", "--json")
     assert code == 0, err
     recipe = json.loads(out)["recipe"]
-    assert (recipe["prompt"], recipe["seed"], recipe["sampler"], recipe["steps"]) == ("a red circle", 1234, "Euler a", 3)
+    assert (recipe["prompt"], recipe["seed"], recipe["sampler"], recipe["steps"]) == (
+        "a red circle",
+        1234,
+        "Euler a",
+        3,
+    )

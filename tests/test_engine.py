@@ -81,8 +81,14 @@ def test_inpaint_matches_diffusers_pipeline_and_keeps_unmasked_pixels(tiny):
     mask = Image.new("L", (16, 16), 0)
     mask.paste(255, (4, 4, 12, 12))
     recipe = make_recipe(
-        {"prompt": "a red circle", "kind": "inpaint", "strength": 1.0, "seed": 5, "init_image": InputRef("x"),
-         "mask": InputRef("m")},
+        {
+            "prompt": "a red circle",
+            "kind": "inpaint",
+            "strength": 1.0,
+            "seed": 5,
+            "init_image": InputRef("x"),
+            "mask": InputRef("m"),
+        },
         tiny.recipe_defaults(),
     )
     raw = generate(tiny, recipe, GenerationInputs(init, mask), overlay=False)
@@ -108,8 +114,9 @@ def test_inpaint_matches_diffusers_pipeline_and_keeps_unmasked_pixels(tiny):
 
 @pytest.mark.parametrize("sampler", ["Euler a", "DPM++ SDE", "DDIM"])
 def test_image_i_of_a_batch_equals_a_single_run_with_seed_plus_i(tiny, sampler):
-    batch = make_recipe({"prompt": "a blue square", "seed": 40, "batch_size": 3, "sampler": sampler},
-                        tiny.recipe_defaults())
+    batch = make_recipe(
+        {"prompt": "a blue square", "seed": 40, "batch_size": 3, "sampler": sampler}, tiny.recipe_defaults()
+    )
     images = generate(tiny, batch)
     single = generate(tiny, batch.with_(seed=42, batch_size=1))
     # Kernels may sum in another order for another batch size: equal to float rounding, not bit for bit.
@@ -119,11 +126,14 @@ def test_image_i_of_a_batch_equals_a_single_run_with_seed_plus_i(tiny, sampler):
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_every_a1111_sampler_name_runs(tiny, sampler):
-    recipe = make_recipe({"prompt": "a green triangle", "seed": 1, "sampler": sampler, "steps": 3},
-                         tiny.recipe_defaults())
+    recipe = make_recipe(
+        {"prompt": "a green triangle", "seed": 1, "sampler": sampler, "steps": 3}, tiny.recipe_defaults()
+    )
     images = generate(tiny, recipe)
     assert images.shape == (1, 16, 16, 3) and np.isfinite(images).all()
-    assert isinstance(make_scheduler(sampler, "Automatic", tiny.scheduler_config), SAMPLER_SPECS[sampler].scheduler_class)
+    assert isinstance(
+        make_scheduler(sampler, "Automatic", tiny.scheduler_config), SAMPLER_SPECS[sampler].scheduler_class
+    )
 
 
 def test_karras_schedule_changes_the_sigmas(tiny):
@@ -170,8 +180,9 @@ def test_inpaint_rejects_a_mask_of_another_size(tiny):
 
 @pytest.mark.parametrize("sampler", ["Heun", "DPM2", "DPM++ 2M", "Euler"])
 def test_karras_schedule_runs_on_an_sd_schedule(tiny, sampler):
-    recipe = make_recipe({"prompt": "x", "seed": 1, "sampler": sampler, "schedule": "Karras", "steps": 5},
-                         tiny.recipe_defaults())
+    recipe = make_recipe(
+        {"prompt": "x", "seed": 1, "sampler": sampler, "schedule": "Karras", "steps": 5}, tiny.recipe_defaults()
+    )
     assert np.isfinite(generate(tiny, recipe)).all()
 
 
@@ -181,7 +192,8 @@ def test_a_schedule_that_repeats_timesteps_is_a_clear_error(tiny):
     from dataclasses import replace
 
     cosine = replace(tiny, scheduler_config={**tiny.scheduler_config, "beta_schedule": "squaredcos_cap_v2"})
-    recipe = make_recipe({"prompt": "x", "seed": 1, "sampler": "DPM++ 2M", "schedule": "Karras", "steps": 20},
-                         tiny.recipe_defaults())
+    recipe = make_recipe(
+        {"prompt": "x", "seed": 1, "sampler": "DPM++ 2M", "schedule": "Karras", "steps": 20}, tiny.recipe_defaults()
+    )
     with pytest.raises(UserError, match="repeats timesteps"):
         generate(cosine, recipe)

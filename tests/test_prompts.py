@@ -29,8 +29,14 @@ def test_plain_prompt_encodes_exactly_as_diffusers(tiny):
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(
-        vae=tiny.vae, text_encoder=tiny.text_encoder, tokenizer=tiny.tokenizer, unet=tiny.unet,
-        scheduler=None, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=tiny.vae,
+        text_encoder=tiny.text_encoder,
+        tokenizer=tiny.tokenizer,
+        unet=tiny.unet,
+        scheduler=None,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     theirs, _ = pipe.encode_prompt("a photo of an otter, by greg rutkowski", "cpu", 1, False)
     ours, _ = encode_prompt_pair(tiny.tokenizer, tiny.text_encoder, "a photo of an otter, by greg rutkowski", "")

@@ -15,8 +15,14 @@ DEFAULTS = {"width": 512, "height": 512, "steps": 20, "sampler": "DPM++ 2M", "sc
 
 def test_json_round_trip_is_exact():
     recipe = make_recipe(
-        {"prompt": "一只水獭, an otter", "negative_prompt": "blurry", "seed": 7, "batch_size": 2,
-         "concepts": (ConceptRef("charlie", "ab" * 32),), "model": ModelRef("sd15", "cd" * 32)},
+        {
+            "prompt": "一只水獭, an otter",
+            "negative_prompt": "blurry",
+            "seed": 7,
+            "batch_size": 2,
+            "concepts": (ConceptRef("charlie", "ab" * 32),),
+            "model": ModelRef("sd15", "cd" * 32),
+        },
         DEFAULTS,
     )
     assert Recipe.from_json(recipe.to_json()) == recipe
@@ -38,7 +44,11 @@ def test_unknown_fields_are_an_error_not_dropped():
 @pytest.mark.parametrize(
     "request_, field, message",
     [
-        ({"size": "500x500"}, "size", "size 500x500: width and height must be positive multiples of 8, e.g. 496x496 or 504x504"),
+        (
+            {"size": "500x500"},
+            "size",
+            "size 500x500: width and height must be positive multiples of 8, e.g. 496x496 or 504x504",
+        ),
         ({"size": "big"}, "size", "is not WIDTHxHEIGHT"),
         ({"sampler": "Eular a"}, "sampler", "did you mean 'Euler a'"),
         ({"schedule": "karas"}, "schedule", "did you mean 'Karras'"),

@@ -35,7 +35,9 @@ COLOUR_MIN = 0.8
 SHAPE_MIN = 0.65
 SHORT_MIN = 0.6
 
-ADHERENCE_PROMPTS = [s.caption() for s in world.training_scenes()[::12]] + [s.caption() for s in world.held_out_scenes()[::4]]
+ADHERENCE_PROMPTS = [s.caption() for s in world.training_scenes()[::12]] + [
+    s.caption() for s in world.held_out_scenes()[::4]
+]
 
 
 def test_the_default_model_is_shapes_with_its_own_defaults(shapes):
@@ -64,8 +66,16 @@ def test_txt2img_draws_the_colour_shape_and_background_asked_for(shapes):
 
 
 def test_short_prompts_honour_what_they_name(shapes):
-    prompts = ["a red circle", "a blue square", "a yellow triangle", "a green circle", "a purple square",
-               "an orange triangle", "a circle, black background", "a square, gray background"]
+    prompts = [
+        "a red circle",
+        "a blue square",
+        "a yellow triangle",
+        "a green circle",
+        "a purple square",
+        "an orange triangle",
+        "a circle, black background",
+        "a square, gray background",
+    ]
     shares = adherence(shapes, prompts, seed=50, batch_size=2)
     assert shares["all"] >= SHORT_MIN, shares
 
@@ -82,8 +92,17 @@ def test_img2img_follows_the_sketch_layout_and_the_prompt_colour_and_shape(shape
     sketch = crude_sketch()
     hits = 0
     for seed in range(6):
-        images, _ = run(shapes, {"prompt": "a red square, white background", "kind": "img2img",
-                                      "strength": 0.7, "seed": seed, "size": "32x32"}, init_image=sketch)
+        images, _ = run(
+            shapes,
+            {
+                "prompt": "a red square, white background",
+                "kind": "img2img",
+                "strength": 0.7,
+                "seed": seed,
+                "size": "32x32",
+            },
+            init_image=sketch,
+        )
         verdict = judge_trained(images[0])
         hits += (verdict.position, verdict.colour, verdict.background) == ("left", "red", "white")
     assert hits >= 4
@@ -97,8 +116,17 @@ def test_inpaint_changes_only_the_masked_area(shapes):
     before = np.asarray(base, dtype=np.int16)
     hits = 0
     for seed in range(6):
-        images, _ = run(shapes, {"prompt": "a blue square on the right, white background", "kind": "inpaint",
-                                 "strength": 1.0, "seed": seed}, init_image=base, mask=mask)
+        images, _ = run(
+            shapes,
+            {
+                "prompt": "a blue square on the right, white background",
+                "kind": "inpaint",
+                "strength": 1.0,
+                "seed": seed,
+            },
+            init_image=base,
+            mask=mask,
+        )
         out = np.asarray(images[0], dtype=np.int16)
         outside = np.asarray(mask) == 0
         assert np.abs(out[outside] - before[outside]).max() == 0  # outside the mask: exactly unchanged
@@ -110,8 +138,9 @@ def test_inpaint_changes_only_the_masked_area(shapes):
 
 def test_negative_prompt_lowers_the_share_of_what_it_names(shapes):
     def red_share(negative: str) -> float:
-        images, _ = run(shapes, {"prompt": "a circle, white background", "negative_prompt": negative,
-                                 "seed": 77, "batch_size": 16})
+        images, _ = run(
+            shapes, {"prompt": "a circle, white background", "negative_prompt": negative, "seed": 77, "batch_size": 16}
+        )
         return sum(judge_trained(im).colour == "red" for im in images) / len(images)
 
     without, with_negative = red_share(""), red_share("red")
@@ -135,7 +164,14 @@ def test_runs_unchanged_through_diffusers_standard_pipeline():
 
     pipe = StableDiffusionPipeline.from_pretrained(bundled_shapes_model_dir(), torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    image = pipe("a yellow square in the center, black background", num_inference_steps=20, guidance_scale=5.0,
-                 height=32, width=32, generator=torch.Generator().manual_seed(0), output_type="np").images
+    image = pipe(
+        "a yellow square in the center, black background",
+        num_inference_steps=20,
+        guidance_scale=5.0,
+        height=32,
+        width=32,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images
     verdict = judge_trained(to_pil(image)[0])
     assert verdict.background == "black"

@@ -7,8 +7,15 @@ import torch
 
 from spellbook.toy.train import TrainConfig, Trainer
 
-TINY_RUN = {"batch_size": 4, "vae_iterations": 2, "unet_iterations": 3, "decoder_iterations": 1, "warmup": 1,
-            "checkpoint_every": 1, "eval_every": 10_000}
+TINY_RUN = {
+    "batch_size": 4,
+    "vae_iterations": 2,
+    "unet_iterations": 3,
+    "decoder_iterations": 1,
+    "warmup": 1,
+    "checkpoint_every": 1,
+    "eval_every": 10_000,
+}
 
 
 class Interrupt(Exception):

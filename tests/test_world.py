@@ -18,7 +18,11 @@ def test_judge_reads_rendered_images_right_at_least_99_percent():
         scene = scenes[rng.integers(len(scenes))]
         verdict = judge(world.render(scene, rng, size=int(rng.choice([32, 64]))))
         right += (verdict.colour, verdict.shape, verdict.position, verdict.background) == (
-            scene.colour, scene.shape, scene.position, scene.background)
+            scene.colour,
+            scene.shape,
+            scene.position,
+            scene.background,
+        )
     assert right / n >= 0.99
 
 
@@ -26,7 +30,9 @@ def test_held_out_combinations_are_at_least_ten_percent_and_never_drawn_in_train
     held = set(world.held_out_scenes())
     assert len(held) / len(world.all_scenes()) >= 0.10
     for attribute in ("colour", "shape", "position", "background"):  # every value is still seen in training
-        assert {getattr(s, attribute) for s in world.training_scenes()} == {getattr(s, attribute) for s in world.all_scenes()}
+        assert {getattr(s, attribute) for s in world.training_scenes()} == {
+            getattr(s, attribute) for s in world.all_scenes()
+        }
     full_captions = {s.caption() for s in held}
     for step in range(20):
         _, captions = world.training_batch(0, step, 64)
@@ -42,7 +48,14 @@ def test_training_stream_is_deterministic_per_seed_and_step():
 
 
 def test_captions_follow_the_grammar():
-    assert world.Scene("orange", "triangle", "center", "gray").caption() == "an orange triangle in the center, gray background"
+    assert (
+        world.Scene("orange", "triangle", "center", "gray").caption()
+        == "an orange triangle in the center, gray background"
+    )
     assert world.caption_for("red", "circle", None, None) == "a red circle"
     assert attributes_of("an orange triangle in the center, gray background") == {
-        "colour": "orange", "shape": "triangle", "position": "center", "background": "gray"}
+        "colour": "orange",
+        "shape": "triangle",
+        "position": "center",
+        "background": "gray",
+    }

@@ -15,17 +15,26 @@ import typer
 
 from spellbook.errors import SpellbookError, UserError
 
-app = typer.Typer(help="Spellbook: a self-hosted Stable Diffusion studio.", no_args_is_help=True,
-                  pretty_exceptions_enable=False, add_completion=False)
+app = typer.Typer(
+    help="Spellbook: a self-hosted Stable Diffusion studio.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
 models_app = typer.Typer(help="List, add and inspect models.", no_args_is_help=True)
 toy_app = typer.Typer(help="The embedded shapes model: judge images, train the model.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(toy_app, name="toy")
 
+
 @app.callback()
 def root(
-    allow_pickle: Annotated[bool, typer.Option(
-        "--allow-pickle", help="Load pickled checkpoints (.ckpt/.pt/.bin): scanned first, then weights only.")] = False,
+    allow_pickle: Annotated[
+        bool,
+        typer.Option(
+            "--allow-pickle", help="Load pickled checkpoints (.ckpt/.pt/.bin): scanned first, then weights only."
+        ),
+    ] = False,
 ) -> None:
     """Spellbook: a self-hosted Stable Diffusion studio."""
     if allow_pickle:
@@ -71,8 +80,14 @@ def _progress_bar(label: str, enabled: bool):
 
     if not enabled:
         return nullcontext(), None
-    bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   console=Console(stderr=True), transient=True)
+    bar = Progress(
+        TextColumn(label),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )
     task = bar.add_task(label, total=None)
 
     def callback(p) -> None:
@@ -82,13 +97,31 @@ def _progress_bar(label: str, enabled: bool):
 
 
 def _generation_request(
-    prompt: str, negative: str | None, steps: int | None, cfg: float | None, sampler: str | None,
-    schedule: str | None, size: str | None, seed: int | None, batch: int | None, model: str | None,
-    vae: str | None, clip_skip: int | None,
+    prompt: str,
+    negative: str | None,
+    steps: int | None,
+    cfg: float | None,
+    sampler: str | None,
+    schedule: str | None,
+    size: str | None,
+    seed: int | None,
+    batch: int | None,
+    model: str | None,
+    vae: str | None,
+    clip_skip: int | None,
 ) -> dict[str, Any]:
     request = {
-        "prompt": prompt, "negative_prompt": negative, "steps": steps, "guidance": cfg, "sampler": sampler,
-        "schedule": schedule, "size": size, "seed": seed, "batch_size": batch, "model": model, "vae": vae,
+        "prompt": prompt,
+        "negative_prompt": negative,
+        "steps": steps,
+        "guidance": cfg,
+        "sampler": sampler,
+        "schedule": schedule,
+        "size": size,
+        "seed": seed,
+        "batch_size": batch,
+        "model": model,
+        "vae": vae,
         "clip_skip": clip_skip,
     }
     return {k: v for k, v in request.items() if v is not None}
@@ -139,11 +172,23 @@ ClipSkip = Annotated[int | None, typer.Option("--clip-skip", help="Clip skip as 
 @app.command()
 def generate(
     prompt: Annotated[str | None, typer.Argument(help="What to draw.")] = None,
-    negative: Negative = None, steps: Steps = None, cfg: Cfg = None, sampler: Sampler = None,
-    schedule: Schedule = None, size: Size = None, seed: Seed = None, batch: Batch = None, count: Count = 1,
-    model: Model = None, vae: Vae = None, clip_skip: ClipSkip = None,
-    from_file: Annotated[Path | None, typer.Option("--from-file", help="One prompt per line; line i uses seed+i.")] = None,
-    out: Out = Path("out"), as_json: Json = False,
+    negative: Negative = None,
+    steps: Steps = None,
+    cfg: Cfg = None,
+    sampler: Sampler = None,
+    schedule: Schedule = None,
+    size: Size = None,
+    seed: Seed = None,
+    batch: Batch = None,
+    count: Count = 1,
+    model: Model = None,
+    vae: Vae = None,
+    clip_skip: ClipSkip = None,
+    from_file: Annotated[
+        Path | None, typer.Option("--from-file", help="One prompt per line; line i uses seed+i.")
+    ] = None,
+    out: Out = Path("out"),
+    as_json: Json = False,
 ) -> None:
     """Text to image."""
     studio = _studio()
@@ -163,15 +208,17 @@ def generate(
         base_seed = seed if seed not in (None, -1) else random.SystemRandom().randint(0, 2**31)
         records = []
         for i, line in enumerate(prompts):
-            request = _generation_request(line, negative, steps, cfg, sampler, schedule, size, base_seed + i, batch,
-                                          model, vae, clip_skip)
+            request = _generation_request(
+                line, negative, steps, cfg, sampler, schedule, size, base_seed + i, batch, model, vae, clip_skip
+            )
             records += _run(studio, request, out, not as_json and sys.stderr.isatty(), count)
         _report(records, as_json)
         return
     if prompt is None:
-        raise UserError("give a prompt, e.g. spellbook generate \"a red circle\"", field="prompt")
-    request = _generation_request(prompt, negative, steps, cfg, sampler, schedule, size, seed, batch, model, vae,
-                                  clip_skip)
+        raise UserError('give a prompt, e.g. spellbook generate "a red circle"', field="prompt")
+    request = _generation_request(
+        prompt, negative, steps, cfg, sampler, schedule, size, seed, batch, model, vae, clip_skip
+    )
     _run_and_save(studio, request, out, as_json, count=count)
 
 
@@ -186,15 +233,27 @@ def img2img(
     image: Annotated[Path, typer.Argument(help="The start image (a sketch, a photo).")],
     prompt: Annotated[str, typer.Argument(help="What to draw.")],
     strength: Annotated[float | None, typer.Option(help="How much to change, 0-1 (default 0.75).")] = None,
-    negative: Negative = None, steps: Steps = None, cfg: Cfg = None, sampler: Sampler = None,
-    schedule: Schedule = None, size: Size = None, seed: Seed = None, batch: Batch = None, count: Count = 1,
-    model: Model = None, vae: Vae = None, clip_skip: ClipSkip = None, out: Out = Path("out"), as_json: Json = False,
+    negative: Negative = None,
+    steps: Steps = None,
+    cfg: Cfg = None,
+    sampler: Sampler = None,
+    schedule: Schedule = None,
+    size: Size = None,
+    seed: Seed = None,
+    batch: Batch = None,
+    count: Count = 1,
+    model: Model = None,
+    vae: Vae = None,
+    clip_skip: ClipSkip = None,
+    out: Out = Path("out"),
+    as_json: Json = False,
 ) -> None:
     """Image to image: redraw IMAGE following PROMPT."""
     studio = _studio()
     init = _open(image, "image")
-    request = _generation_request(prompt, negative, steps, cfg, sampler, schedule, size, seed, batch, model, vae,
-                                  clip_skip)
+    request = _generation_request(
+        prompt, negative, steps, cfg, sampler, schedule, size, seed, batch, model, vae, clip_skip
+    )
     request.update(kind="img2img", strength=strength, init_image_path=str(image))
     _run_and_save(studio, {k: v for k, v in request.items() if v is not None}, out, as_json, count, init_image=init)
 
@@ -204,32 +263,58 @@ def inpaint(
     image: Annotated[Path, typer.Argument(help="The image to change.")],
     mask: Annotated[Path, typer.Argument(help="Same size as IMAGE; white = repaint, black = keep.")],
     prompt: Annotated[str, typer.Argument(help="What to draw in the masked area.")],
-    strength: Annotated[float | None, typer.Option(help="How much to change inside the mask, 0-1 (default 0.75).")] = None,
-    negative: Negative = None, steps: Steps = None, cfg: Cfg = None, sampler: Sampler = None,
-    schedule: Schedule = None, size: Size = None, seed: Seed = None, batch: Batch = None, count: Count = 1,
-    model: Model = None, vae: Vae = None, clip_skip: ClipSkip = None, out: Out = Path("out"), as_json: Json = False,
+    strength: Annotated[
+        float | None, typer.Option(help="How much to change inside the mask, 0-1 (default 0.75).")
+    ] = None,
+    negative: Negative = None,
+    steps: Steps = None,
+    cfg: Cfg = None,
+    sampler: Sampler = None,
+    schedule: Schedule = None,
+    size: Size = None,
+    seed: Seed = None,
+    batch: Batch = None,
+    count: Count = 1,
+    model: Model = None,
+    vae: Vae = None,
+    clip_skip: ClipSkip = None,
+    out: Out = Path("out"),
+    as_json: Json = False,
 ) -> None:
     """Inpaint: redraw the masked part of IMAGE following PROMPT."""
     studio = _studio()
     init, mask_image = _open(image, "image"), _open(mask, "mask")
-    request = _generation_request(prompt, negative, steps, cfg, sampler, schedule, size, seed, batch, model, vae,
-                                  clip_skip)
+    request = _generation_request(
+        prompt, negative, steps, cfg, sampler, schedule, size, seed, batch, model, vae, clip_skip
+    )
     request.update(kind="inpaint", strength=strength, init_image_path=str(image), mask_path=str(mask))
-    _run_and_save(studio, {k: v for k, v in request.items() if v is not None}, out, as_json, count,
-                  init_image=init, mask=mask_image)
+    _run_and_save(
+        studio,
+        {k: v for k, v in request.items() if v is not None},
+        out,
+        as_json,
+        count,
+        init_image=init,
+        mask=mask_image,
+    )
 
 
 @app.command()
-def info(image: Annotated[Path, typer.Argument(help="Any PNG: Spellbook's, A1111's or ComfyUI's.")],
-         as_json: Json = False) -> None:
+def info(
+    image: Annotated[Path, typer.Argument(help="Any PNG: Spellbook's, A1111's or ComfyUI's.")], as_json: Json = False
+) -> None:
     """Print the recipe inside an image."""
     _quiet_libraries()
     from spellbook.provenance import infotext, read_metadata
 
     meta = read_metadata(image)
     if as_json:
-        data = {"source": meta.source, "recipe": meta.recipe.to_dict() if meta.recipe else None,
-                "foreign": meta.foreign, "parameters": meta.chunks.get("parameters")}
+        data = {
+            "source": meta.source,
+            "recipe": meta.recipe.to_dict() if meta.recipe else None,
+            "foreign": meta.foreign,
+            "parameters": meta.chunks.get("parameters"),
+        }
         _echo_json(data)
         return
     if meta.recipe is not None:
@@ -246,7 +331,8 @@ def info(image: Annotated[Path, typer.Argument(help="Any PNG: Spellbook's, A1111
 def reproduce(
     image: Annotated[Path, typer.Argument(help="An image with a recipe.")],
     model: Annotated[str | None, typer.Option(help="Run with this model instead of the recorded one.")] = None,
-    out: Out = Path("out"), as_json: Json = False,
+    out: Out = Path("out"),
+    as_json: Json = False,
 ) -> None:
     """Run an image's recipe again."""
     studio = _studio()
@@ -272,10 +358,17 @@ def verify(
     with bar:
         comparison, _ = studio.verify(image, model=model, progress=callback)
     if as_json:
-        _echo_json({"identical": comparison.identical, "psnr": None if comparison.identical else comparison.psnr,
-                    "differing_pixels": comparison.differing_pixels, "max_abs_diff": comparison.max_abs_diff,
-                    "build_differences": [dict(zip(("field", "recorded", "current"), d))
-                                          for d in comparison.build_differences]})
+        _echo_json(
+            {
+                "identical": comparison.identical,
+                "psnr": None if comparison.identical else comparison.psnr,
+                "differing_pixels": comparison.differing_pixels,
+                "max_abs_diff": comparison.max_abs_diff,
+                "build_differences": [
+                    dict(zip(("field", "recorded", "current"), d)) for d in comparison.build_differences
+                ],
+            }
+        )
     else:
         typer.echo(comparison.summary())
     if not comparison.identical:
@@ -320,12 +413,17 @@ def models_info(name: Annotated[str, typer.Argument(help="Model name or path.")]
     components = studio.cache.load(name)
     unet = components.unet.config
     data = {
-        "name": components.ref.name, "sha256": components.ref.sha256, "model_hash": components.ref.short_hash,
-        "family": components.family, "native_size": components.native_size,
-        "unet_in_channels": unet.in_channels, "cross_attention_dim": unet.cross_attention_dim,
+        "name": components.ref.name,
+        "sha256": components.ref.sha256,
+        "model_hash": components.ref.short_hash,
+        "family": components.family,
+        "native_size": components.native_size,
+        "unet_in_channels": unet.in_channels,
+        "cross_attention_dim": unet.cross_attention_dim,
         "prediction_type": components.scheduler_config.get("prediction_type", "epsilon"),
-        "parameters": sum(p.numel() for m in (components.unet, components.vae, components.text_encoder)
-                          for p in m.parameters()),
+        "parameters": sum(
+            p.numel() for m in (components.unet, components.vae, components.text_encoder) for p in m.parameters()
+        ),
         "defaults": components.recipe_defaults(),
     }
     if as_json:
@@ -355,8 +453,9 @@ def toy_judge(
     if as_json:
         _echo_json(data)
         return
-    typer.echo(f"background {verdict.background}, colour {verdict.colour}, shape {verdict.shape}, "
-               f"position {verdict.position}")
+    typer.echo(
+        f"background {verdict.background}, colour {verdict.colour}, shape {verdict.shape}, position {verdict.position}"
+    )
     if prompt:
         wrong = [k for k, ok in data["matches"].items() if not ok]
         typer.echo("matches the prompt" if not wrong else f"differs from the prompt in: {', '.join(wrong)}")
@@ -364,7 +463,9 @@ def toy_judge(
 
 @toy_app.command("demo")
 def toy_demo(
-    prompt: Annotated[str, typer.Argument(help="A shapes-world prompt.")] = "a red circle on the left, black background",
+    prompt: Annotated[
+        str, typer.Argument(help="A shapes-world prompt.")
+    ] = "a red circle on the left, black background",
     seed: Annotated[int, typer.Option(help="Seed.")] = 7,
     out: Out = Path("out/demo"),
 ) -> None:
@@ -383,18 +484,29 @@ def toy_demo(
     verdict = judge_trained(saved.image)
     matches = verdict.matches(**attributes_of(prompt))
     typer.echo(f"image: {saved.path}")
-    typer.echo(f"prompt: {prompt} (seed {seed}, {recipe.steps} steps {recipe.sampler}, {recipe.width}x{recipe.height},"
-               f" {seconds:.2f} s)")
-    typer.echo(f"judge: background {verdict.background}, colour {verdict.colour}, shape {verdict.shape}, "
-               f"position {verdict.position} -> "
-               + ("matches the prompt" if all(matches.values()) else
-                  "differs in " + ", ".join(k for k, ok in matches.items() if not ok)))
+    typer.echo(
+        f"prompt: {prompt} (seed {seed}, {recipe.steps} steps {recipe.sampler}, {recipe.width}x{recipe.height},"
+        f" {seconds:.2f} s)"
+    )
+    typer.echo(
+        f"judge: background {verdict.background}, colour {verdict.colour}, shape {verdict.shape}, "
+        f"position {verdict.position} -> "
+        + (
+            "matches the prompt"
+            if all(matches.values())
+            else "differs in " + ", ".join(k for k, ok in matches.items() if not ok)
+        )
+    )
 
 
 @toy_app.command("train")
 def toy_train(
-    out: Annotated[Path, typer.Option(help="Training folder (checkpoints, curve, exported model).")] = Path("toy-train"),
-    minutes: Annotated[float | None, typer.Option(help="Stop after this long (checkpoint kept; --resume goes on).")] = None,
+    out: Annotated[Path, typer.Option(help="Training folder (checkpoints, curve, exported model).")] = Path(
+        "toy-train"
+    ),
+    minutes: Annotated[
+        float | None, typer.Option(help="Stop after this long (checkpoint kept; --resume goes on).")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Training seed: the same seed gives the same model.")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue from the checkpoint in --out.")] = False,
     unet_iterations: Annotated[int | None, typer.Option(help="UNet iterations (default: as shipped).")] = None,
@@ -409,14 +521,20 @@ def toy_train(
     trainer = Trainer(out, config, log=lambda m: typer.echo(m, err=True))
     if (out / "checkpoint.pt").exists():
         if not resume:
-            raise UserError(f"{out} already has a checkpoint; pass --resume to continue it, or choose another --out",
-                            field="out")
+            raise UserError(
+                f"{out} already has a checkpoint; pass --resume to continue it, or choose another --out", field="out"
+            )
         trainer.load_checkpoint()
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=Console(stderr=True)) as bar:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+    ) as bar:
         task = bar.add_task("training", total=None)
 
         def report(phase: str, step: int, total: int, loss: float) -> None:

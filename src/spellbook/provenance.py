@@ -67,9 +67,7 @@ def open_image(path: Path, field: str = "image", max_pixels: int | None = None) 
     except UnidentifiedImageError:
         raise UserError(f"{path} is not an image Spellbook can read (PNG, JPEG, WebP, …)", field=field) from None
     if max_pixels is not None and image.width * image.height > max_pixels:
-        raise UserError(
-            f"{path} is {image.width}x{image.height}; the limit is {max_pixels} pixels", field=field
-        )
+        raise UserError(f"{path} is {image.width}x{image.height}; the limit is {max_pixels} pixels", field=field)
     image.load()
     return image
 

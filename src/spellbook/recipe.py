@@ -290,7 +290,9 @@ def validate(recipe: Recipe, limits: Limits = Limits()) -> Recipe:
     if not 1 <= r.batch_size <= limits.max_batch:
         raise UserError(f"batch size {r.batch_size}: must be between 1 and {limits.max_batch}", field="batch_size")
     if not 0 <= r.batch_index < r.batch_size:
-        raise UserError(f"batch index {r.batch_index}: must be below the batch size {r.batch_size}", field="batch_index")
+        raise UserError(
+            f"batch index {r.batch_index}: must be below the batch size {r.batch_size}", field="batch_index"
+        )
     if r.width <= 0 or r.height <= 0 or r.width % 8 or r.height % 8:
         raise UserError(
             f"size {r.width}x{r.height}: width and height must be positive multiples of 8, "
@@ -341,5 +343,7 @@ def make_recipe(
     unknown = sorted(set(merged) - known)
     if unknown:
         raise UserError(f"unknown field {unknown[0]!r}", field=unknown[0])
-    values = {k: _convert(k, v) if not isinstance(v, (ModelRef, InputRef, Build, tuple)) else v for k, v in merged.items()}
+    values = {
+        k: _convert(k, v) if not isinstance(v, (ModelRef, InputRef, Build, tuple)) else v for k, v in merged.items()
+    }
     return validate(Recipe(**values), limits)

@@ -203,8 +203,12 @@ class Studio:
     def reproduce(self, path: Path, model: str | None = None, progress: ProgressCallback | None = None) -> Result:
         """Run the recipe again: the whole batch, as it ran, and keep this image's place in it."""
         recipe, inputs, components = self.recipe_of(path, model)
-        results = self.run(recipe.with_(build=Build.current(self.settings.device, self.settings.dtype)), inputs,
-                           components, progress=progress)
+        results = self.run(
+            recipe.with_(build=Build.current(self.settings.device, self.settings.dtype)),
+            inputs,
+            components,
+            progress=progress,
+        )
         return results[recipe.batch_index]
 
     def verify(
@@ -215,7 +219,9 @@ class Studio:
             raise UserError(f"{path} has no Spellbook recipe; only Spellbook images can be verified", field="image")
         result = self.reproduce(path, model=model, progress=progress)
         recorded = open_image(path)
-        return compare(recorded, result.image, meta.recipe.build, Build.current(self.settings.device, self.settings.dtype)), result
+        return compare(
+            recorded, result.image, meta.recipe.build, Build.current(self.settings.device, self.settings.dtype)
+        ), result
 
 
 def next_image_number(out_dir: Path) -> int:

@@ -37,6 +37,13 @@ class Components:
     def recipe_defaults(self) -> dict[str, Any]:
         """What `spellbook generate PROMPT` uses when the user names nothing else."""
         size = self.native_size
-        base = {"width": size, "height": size, "steps": 20, "sampler": "DPM++ 2M", "schedule": "Karras", "guidance": 7.0}
+        base = {
+            "width": size,
+            "height": size,
+            "steps": 20,
+            "sampler": "DPM++ 2M",
+            "schedule": "Karras",
+            "guidance": 7.0,
+        }
         base.update(self.defaults)
         return base

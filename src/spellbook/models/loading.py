@@ -154,7 +154,9 @@ class ModelCache:
             base = self.settings.home / "vae"
             candidates += [base / name_or_path, base / f"{name_or_path}.safetensors"]
         for path in candidates:
-            if (path.is_dir() and (path / "config.json").is_file()) or (path.is_file() and path.suffix == ".safetensors"):
+            if (path.is_dir() and (path / "config.json").is_file()) or (
+                path.is_file() and path.suffix == ".safetensors"
+            ):
                 return path
         raise UserError(
             f"VAE {name_or_path!r} not found: give a VAE folder (config.json + safetensors) or a .safetensors file, "

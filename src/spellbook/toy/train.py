@@ -189,7 +189,9 @@ class Trainer:
         drop = torch.rand(len(captions), generator=generator) < self.config.caption_dropout
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
         noise = torch.randn(latents.shape, generator=generator)
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(captions),), generator=generator)
+        timesteps = torch.randint(
+            0, self.noise_scheduler.config.num_train_timesteps, (len(captions),), generator=generator
+        )
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
         prediction = self.unet(noisy, timesteps, self.encode_prompts(captions, self.text_encoder)).sample
@@ -311,7 +313,9 @@ def evaluate(pipe, n_prompts: int = 40, seeds: tuple[int, ...] = (0, 1), steps: 
         ).images
         for (scene, held), image in zip(scenes, images):
             verdict = judge_trained((image * 255).round().astype(np.uint8))
-            ok = verdict.matches(colour=scene.colour, shape=scene.shape, position=scene.position, background=scene.background)
+            ok = verdict.matches(
+                colour=scene.colour, shape=scene.shape, position=scene.position, background=scene.background
+            )
             group = "held_out" if held else "trained"
             for attribute, right in ok.items():
                 results.setdefault(f"{group}_{attribute}", []).append(float(right))

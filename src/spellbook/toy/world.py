@@ -151,10 +151,17 @@ def _place_in_cell(
 ) -> tuple[float, float]:
     """Box corner such that the shape's centroid falls in the cell, where the canvas allows it."""
     margin = 0.03
-    thirds = {"first": (margin, 1 / 3 - margin), "mid": (1 / 3 + margin, 2 / 3 - margin), "last": (2 / 3 + margin, 1 - margin)}
+    thirds = {
+        "first": (margin, 1 / 3 - margin),
+        "mid": (1 / 3 + margin, 2 / 3 - margin),
+        "last": (2 / 3 + margin, 1 - margin),
+    }
     cell_x, cell_y = {
-        "left": ("first", "mid"), "right": ("last", "mid"), "top": ("mid", "first"),
-        "bottom": ("mid", "last"), "center": ("mid", "mid"),
+        "left": ("first", "mid"),
+        "right": ("last", "mid"),
+        "top": ("mid", "first"),
+        "bottom": ("mid", "last"),
+        "center": ("mid", "mid"),
     }[position]
 
     def axis(cell: str, offset: float, extent: int) -> float:
