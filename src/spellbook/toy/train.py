@@ -46,6 +46,15 @@ class TrainConfig:
     checkpoint_every: int = 200
     eval_every: int = 400
     threads: int = 2
+    # shapes-v2 curriculum (defaults keep shapes-v1's recipe): hold the UNet learning rate constant for the
+    # first `unet_constant_until` iterations, then decay; use full captions only for the first
+    # `full_captions_until` iterations (layout words are always present while layout is learned); draw
+    # `high_t_share` of the timesteps from the top 20 % (where layout is decided); encode with the
+    # posterior mean instead of a sample.
+    unet_constant_until: int = 0
+    full_captions_until: int = 0
+    high_t_share: float = 0.0
+    posterior_mean: bool = False
 
 
 @dataclass
@@ -57,11 +66,14 @@ class TrainState:
     curve: list[dict] = field(default_factory=list)
 
 
-def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
-    """Linear warm-up, then cosine decay to 5 % of the peak."""
+def lr_at(step: int, total: int, peak: float, warmup: int, constant_until: int = 0) -> float:
+    """Linear warm-up, constant at the peak until `constant_until`, then cosine decay to 5 % of the peak."""
     if step < warmup:
         return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(total - warmup, 1)
+    start = max(warmup, constant_until)
+    if step < start:
+        return peak
+    progress = (step - start) / max(total - start, 1)
     return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
@@ -124,6 +136,18 @@ class Trainer:
         if payload["optimizer"] and self.optimizer:
             self.optimizer.load_state_dict(payload["optimizer"])
 
+    def adopt_vae(self, checkpoint: Path) -> None:
+        """Start at the UNet phase with the finished VAE (encoder, fine-tuned decoder, scaling factor) of
+        another run, so a new UNet shares the shipped latent space and the VAE phases need not run again."""
+        payload = torch.load(checkpoint, weights_only=True)
+        if payload["state"]["phase"] in ("vae",):
+            raise ValueError(f"{checkpoint} has not finished its VAE phase")
+        self.vae.load_state_dict(payload["vae"])
+        self.state = TrainState(phase="unet", scaling_factor=payload["state"]["scaling_factor"])
+        self.config.vae_iterations = 0
+        self.config.decoder_iterations = 0
+        self._start_phase("unet")
+
     # ------------------------------------------------------------------------------------------ phases
     def _trainable(self, phase: str) -> list[torch.nn.Module]:
         return {
@@ -162,7 +186,10 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ steps
     def _batch(self, phase: str, step: int) -> tuple[torch.Tensor, list[str], torch.Generator]:
-        images, captions = training_batch(self.config.seed * 1000 + PHASE_SEEDS[phase], step, self.config.batch_size)
+        full_share = 1.0 if phase == "unet" and step < self.config.full_captions_until else 0.55
+        images, captions = training_batch(
+            self.config.seed * 1000 + PHASE_SEEDS[phase], step, self.config.batch_size, full_share=full_share
+        )
         generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + PHASE_SEEDS[phase] * 100_000 + step)
         return to_tensor(images), captions, generator
 
@@ -185,13 +212,18 @@ class Trainer:
 
     def _unet_loss(self, pixels: torch.Tensor, captions: list[str], generator: torch.Generator) -> torch.Tensor:
         with torch.no_grad():
-            latents = self.vae.encode(pixels).latent_dist.sample(generator) * self.state.scaling_factor
+            posterior = self.vae.encode(pixels).latent_dist
+            latents = posterior.mean if self.config.posterior_mean else posterior.sample(generator)
+            latents = latents * self.state.scaling_factor
         drop = torch.rand(len(captions), generator=generator) < self.config.caption_dropout
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
         noise = torch.randn(latents.shape, generator=generator)
-        timesteps = torch.randint(
-            0, self.noise_scheduler.config.num_train_timesteps, (len(captions),), generator=generator
-        )
+        steps = self.noise_scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, steps, (len(captions),), generator=generator)
+        if self.config.high_t_share:
+            high = torch.randint(int(steps * 0.8), steps, (len(captions),), generator=generator)
+            pick = torch.rand(len(captions), generator=generator) < self.config.high_t_share
+            timesteps = torch.where(pick, high, timesteps)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
         prediction = self.unet(noisy, timesteps, self.encode_prompts(captions, self.text_encoder)).sample
@@ -231,7 +263,8 @@ class Trainer:
                 started = time.monotonic()
                 step = self.state.step
                 for group in self.optimizer.param_groups:
-                    group["lr"] = lr_at(step, total, self._peak(phase), self.config.warmup)
+                    constant = self.config.unet_constant_until if phase == "unet" else 0
+                    group["lr"] = lr_at(step, total, self._peak(phase), self.config.warmup, constant)
                 pixels, captions, generator = self._batch(phase, step)
                 if phase == "unet":
                     loss = self._unet_loss(pixels, captions, generator)

@@ -220,7 +220,9 @@ def random_caption(scene: Scene, rng: np.random.Generator, full_share: float = 0
     )
 
 
-def training_batch(seed: int, step: int, batch_size: int, size: int = NATIVE_SIZE) -> tuple[np.ndarray, list[str]]:
+def training_batch(
+    seed: int, step: int, batch_size: int, size: int = NATIVE_SIZE, full_share: float = 0.55
+) -> tuple[np.ndarray, list[str]]:
     """Batch number `step` of the infinite training stream of `seed` (so training resumes exactly)."""
     rng = np.random.default_rng([seed, step])
     scenes = training_scenes()
@@ -228,5 +230,5 @@ def training_batch(seed: int, step: int, batch_size: int, size: int = NATIVE_SIZ
     for _ in range(batch_size):
         scene = scenes[rng.integers(len(scenes))]
         images.append(render(scene, rng, size))
-        captions.append(random_caption(scene, rng))
+        captions.append(random_caption(scene, rng, full_share))
     return np.stack(images), captions
