@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench train-toy clean
+.PHONY: setup system-deps demo test serve lint bench train-toy clean
 
 setup: $(STAMP)
 
@@ -17,8 +17,14 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/spellbook toy demo --out out/demo
 
-test: setup
+system-deps:
+	bash scripts/system-deps.sh
+
+test: setup system-deps
 	$(BIN)/python -m pytest
+
+serve: setup
+	$(BIN)/spellbook serve
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

@@ -5,6 +5,7 @@ Errors a user can fix print one line on stderr and exit 2; `verify` exits 1 when
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -13,7 +14,11 @@ from typing import Annotated, Any
 
 import typer
 
+from spellbook.concepts.cli import concept_app
 from spellbook.errors import SpellbookError, UserError
+from spellbook.explorer.cli import app as explore_app
+from spellbook.gallery.cli import gallery_app
+from spellbook.server.cli import register as register_server_commands
 
 app = typer.Typer(
     help="Spellbook: a self-hosted Stable Diffusion studio.",
@@ -25,6 +30,10 @@ models_app = typer.Typer(help="List, add and inspect models.", no_args_is_help=T
 toy_app = typer.Typer(help="The embedded shapes model: judge images, train the model.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(toy_app, name="toy")
+app.add_typer(concept_app, name="concept")
+register_server_commands(app)
+app.add_typer(gallery_app, name="gallery")
+app.add_typer(explore_app, name="explore")
 
 
 @app.callback()
@@ -127,8 +136,9 @@ def _generation_request(
     return {k: v for k, v in request.items() if v is not None}
 
 
-def _run(studio, request, out: Path, show_progress: bool, count: int = 1, **images) -> list[dict]:
-    """Run `count` batches of one request (batch k starts at seed + k * batch size); save; return records."""
+def _run(studio, request, out: Path, show_progress: bool, count: int = 1, gallery: bool = True, **images) -> list[dict]:
+    """Run `count` batches of one request (batch k starts at seed + k * batch size); save (and file in the
+    gallery unless `gallery` is False); return records."""
     records = []
     recipe, inputs, components = studio.prepare(request, **images)
     for run in range(count):
@@ -139,6 +149,8 @@ def _run(studio, request, out: Path, show_progress: bool, count: int = 1, **imag
             results = studio.run(recipe, inputs, components, progress=callback)
         for saved in studio.save(results, out):
             records.append({"path": str(saved.path), "seed": saved.recipe.image_seed, "recipe": saved.recipe.to_dict()})
+            if gallery:
+                records[-1]["gallery_id"] = _file_in_gallery(studio, saved)
     return records
 
 
@@ -150,8 +162,23 @@ def _report(records: list[dict], as_json: bool) -> None:
             typer.echo(record["path"])
 
 
-def _run_and_save(studio, request, out: Path, as_json: bool, count: int = 1, **images) -> None:
-    _report(_run(studio, request, out, not as_json and sys.stderr.isatty(), count, **images), as_json)
+def _file_in_gallery(studio, saved) -> int:
+    from spellbook.gallery import add_result
+
+    # embed=False: the prompt is embedded by the next search by meaning, so `generate` does not load a
+    # second model.
+    return add_result(_database(studio.settings.db_path), saved, home=studio.settings.home, embed=False).id
+
+
+@functools.cache
+def _database(path: Path):
+    from spellbook.store import Database
+
+    return Database(path)
+
+
+def _run_and_save(studio, request, out: Path, as_json: bool, count: int = 1, gallery: bool = True, **images) -> None:
+    _report(_run(studio, request, out, not as_json and sys.stderr.isatty(), count, gallery, **images), as_json)
 
 
 # Shared generation options, as Annotated aliases so each command reads as its flags.
@@ -167,6 +194,7 @@ Count = Annotated[int, typer.Option(help="How many batches to run one after anot
 Model = Annotated[str | None, typer.Option(help="Model name from `spellbook models list`, or a path.")]
 Vae = Annotated[str | None, typer.Option(help="VAE override: a VAE folder or .safetensors.")]
 ClipSkip = Annotated[int | None, typer.Option("--clip-skip", help="Clip skip as A1111 counts it (1 = none).")]
+NoGallery = Annotated[bool, typer.Option("--no-gallery", help="Do not file the images in the gallery.")]
 
 
 @app.command()
@@ -189,6 +217,7 @@ def generate(
     ] = None,
     out: Out = Path("out"),
     as_json: Json = False,
+    no_gallery: NoGallery = False,
 ) -> None:
     """Text to image."""
     studio = _studio()
@@ -211,7 +240,7 @@ def generate(
             request = _generation_request(
                 line, negative, steps, cfg, sampler, schedule, size, base_seed + i, batch, model, vae, clip_skip
             )
-            records += _run(studio, request, out, not as_json and sys.stderr.isatty(), count)
+            records += _run(studio, request, out, not as_json and sys.stderr.isatty(), count, not no_gallery)
         _report(records, as_json)
         return
     if prompt is None:
@@ -219,7 +248,7 @@ def generate(
     request = _generation_request(
         prompt, negative, steps, cfg, sampler, schedule, size, seed, batch, model, vae, clip_skip
     )
-    _run_and_save(studio, request, out, as_json, count=count)
+    _run_and_save(studio, request, out, as_json, count=count, gallery=not no_gallery)
 
 
 def _open(path: Path, field: str):
@@ -247,6 +276,7 @@ def img2img(
     clip_skip: ClipSkip = None,
     out: Out = Path("out"),
     as_json: Json = False,
+    no_gallery: NoGallery = False,
 ) -> None:
     """Image to image: redraw IMAGE following PROMPT."""
     studio = _studio()
@@ -255,7 +285,15 @@ def img2img(
         prompt, negative, steps, cfg, sampler, schedule, size, seed, batch, model, vae, clip_skip
     )
     request.update(kind="img2img", strength=strength, init_image_path=str(image))
-    _run_and_save(studio, {k: v for k, v in request.items() if v is not None}, out, as_json, count, init_image=init)
+    _run_and_save(
+        studio,
+        {k: v for k, v in request.items() if v is not None},
+        out,
+        as_json,
+        count,
+        not no_gallery,
+        init_image=init,
+    )
 
 
 @app.command()
@@ -280,6 +318,7 @@ def inpaint(
     clip_skip: ClipSkip = None,
     out: Out = Path("out"),
     as_json: Json = False,
+    no_gallery: NoGallery = False,
 ) -> None:
     """Inpaint: redraw the masked part of IMAGE following PROMPT."""
     studio = _studio()
@@ -294,6 +333,7 @@ def inpaint(
         out,
         as_json,
         count,
+        not no_gallery,
         init_image=init,
         mask=mask_image,
     )

@@ -55,3 +55,34 @@ class Cancelled(SpellbookError):
 
     code = "cancelled"
     http_status = 409
+
+
+class Unauthorized(SpellbookError):
+    """No valid token or password (HTTP 401)."""
+
+    code = "unauthorized"
+    http_status = 401
+
+
+class Forbidden(SpellbookError):
+    """Authenticated, but not allowed: another user's job, an admin-only action, a foreign Origin."""
+
+    code = "forbidden"
+    http_status = 403
+
+
+class InsufficientCredits(SpellbookError):
+    code = "insufficient_credits"
+    http_status = 402
+
+
+class TooLarge(SpellbookError):
+    """A request body or an image beyond the configured caps (HTTP 413)."""
+
+    code = "too_large"
+    http_status = 413
+
+
+class RateLimited(SpellbookError):
+    code = "rate_limited"
+    http_status = 429

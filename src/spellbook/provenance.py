@@ -55,6 +55,15 @@ def save_png(image: Image.Image, path: Path, recipe: Recipe) -> Path:
     return path
 
 
+def png_bytes(image: Image.Image, recipe: Recipe) -> bytes:
+    """The PNG file `save_png` would write, as bytes (for HTTP responses and remote workers)."""
+    import io
+
+    buffer = io.BytesIO()
+    write_png_text(image, buffer, {INFOTEXT_CHUNK: infotext(recipe), RECIPE_CHUNK: recipe.to_json()})
+    return buffer.getvalue()
+
+
 def open_image(path: Path, field: str = "image", max_pixels: int | None = None) -> Image.Image:
     """Open an image with a clear error for a missing file, a non-image, or one too large to decode."""
     path = Path(path)

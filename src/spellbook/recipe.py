@@ -168,7 +168,7 @@ class Recipe:
         return json.dumps(self.to_dict(), ensure_ascii=False, sort_keys=False)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Recipe:
+    def from_dict(cls, data: dict[str, Any], limits: Limits | None = None) -> Recipe:
         """Strict: unknown fields and wrong types are errors with a field path."""
         if not isinstance(data, dict):
             raise UserError("a recipe must be a JSON object", field="recipe")
@@ -189,7 +189,7 @@ class Recipe:
             if f.name not in data:
                 continue
             values[f.name] = _convert(f.name, data[f.name])
-        return validate(cls(**values))
+        return validate(cls(**values), limits or Limits())
 
     @classmethod
     def from_json(cls, text: str) -> Recipe:

@@ -1,6 +1,6 @@
 """Settings: one object, built from SPELLBOOK_* environment variables and flags; no globals.
 
-Every setting is listed in docs/settings.md (a test checks that the two agree).
+Every setting is listed in the README's Settings table (tests/test_settings.py checks that the two agree).
 """
 
 from __future__ import annotations
@@ -24,6 +24,17 @@ class Settings:
     max_batch: int = 16
     max_steps: int = 150
     allow_pickle: bool = False
+    # server
+    host: str = "127.0.0.1"
+    port: int = 7860
+    auth: str = "auto"  # auto: off on a loopback bind, required on any other; on; off (loopback only)
+    broker: str = ""  # redis://… : scale-out mode (jobs go to Celery workers); empty: embedded worker
+    max_body_mb: int = 32  # request body cap
+    rate_limit: int = 120  # job submissions per user per minute
+    batching: bool = True  # run compatible queued txt2img jobs in one forward pass
+    max_jobs_batch: int = 8  # jobs per forward pass
+    lease_seconds: int = 30  # a running job's worker renews its lease; an expired lease requeues the job
+    visibility_timeout: int = 60  # Celery/Redis: an unacknowledged task (its worker died) is redelivered after this
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "home", Path(self.home).expanduser() if self.home else _default_home())
@@ -47,6 +58,10 @@ class Settings:
 
     def with_(self, **changes) -> Settings:
         return replace(self, **changes)
+
+    @property
+    def db_path(self) -> Path:
+        return self.home / "spellbook.db"
 
     @property
     def models_dir(self) -> Path:

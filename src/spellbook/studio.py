@@ -13,7 +13,9 @@ from typing import Any
 
 from PIL import Image
 
+from spellbook.concepts.library import ConceptLibrary
 from spellbook.engine.pipeline import GenerationInputs, ProgressCallback, check_mask_size, generate, to_pil
+from spellbook.engine.prompts import check_concepts
 from spellbook.errors import NotFound, UserError
 from spellbook.models.components import Components
 from spellbook.models.loading import ModelCache
@@ -43,6 +45,7 @@ class Studio:
     def __init__(self, settings: Settings | None = None, cache: ModelCache | None = None):
         self.settings = settings or Settings.from_env()
         self.cache = cache or ModelCache(self.settings)
+        self.concepts = ConceptLibrary(self.settings)
         if self.settings.threads:
             import torch
 
@@ -100,10 +103,14 @@ class Studio:
                 inputs.mask = mask
         request.pop("init_image_path", None)
         request.pop("mask_path", None)
+        request.pop("concepts", None)  # decided by the prompt and the library, below
         request["build"] = Build.current(self.settings.device, self.settings.dtype)
         recipe = make_recipe(request, defaults, limits=self.limits)
         recipe = recipe.with_(model=ModelRef(components.ref.name, components.ref.sha256))
-        return recipe, inputs, components
+        # Concepts: the library's names that the prompts mention, recorded with their file hashes.
+        concepts, inputs.concepts = self.concepts.resolve(recipe.prompt, recipe.negative_prompt)
+        check_concepts(inputs.concepts, components.text_encoder, components.ref.name)
+        return recipe.with_(concepts=concepts), inputs, components
 
     def _store_input(self, image: Image.Image, original_path: str) -> InputRef:
         """Keep init images and masks by content hash, so `reproduce` finds them later."""
@@ -173,6 +180,7 @@ class Studio:
             inputs = GenerationInputs(
                 init_image=self.load_input(recipe.init_image, "init_image") if recipe.init_image else None,
                 mask=self.load_input(recipe.mask, "mask") if recipe.mask else None,
+                concepts=self.concepts.vectors_for(recipe.concepts),  # each checked against its recorded hash
             )
             return validate(recipe, self.limits), inputs, components
         if meta.foreign is not None:
@@ -183,6 +191,21 @@ class Studio:
             recipe, inputs, components = self.prepare(request)
             return recipe, inputs, components
         raise UserError(f"{path} carries no recipe (no Spellbook, A1111 or ComfyUI metadata)", field="image")
+
+    def components_for_recipe(self, recipe: Recipe) -> Components:
+        """The components a validated recipe names (model by name or hash, its VAE), as a worker needs them."""
+        components = self._recorded_model(recipe, None)
+        if recipe.vae:
+            components = components.with_vae(self.cache.load_vae(recipe.vae.name, allow_paths=False)[0])
+        return components
+
+    def inputs_for_recipe(self, recipe: Recipe) -> GenerationInputs:
+        """The init image and mask a recipe references by hash, from the inputs folder."""
+        return GenerationInputs(
+            init_image=self.load_input(recipe.init_image, "init_image") if recipe.init_image else None,
+            mask=self.load_input(recipe.mask, "mask") if recipe.mask else None,
+            concepts=self.concepts.vectors_for(recipe.concepts),
+        )
 
     def _recorded_model(self, recipe: Recipe, model: str | None) -> Components:
         """The model a recipe names; found by name, or by content hash when it was run from a path."""

@@ -6,15 +6,22 @@
   tokens, and concatenated (so nothing past token 75 is silently cut off).
 - Weights scale each token's embedding, then the chunk is rescaled to keep its original mean (A1111's way,
   so emphasis does not change the overall magnitude).
+- Concepts (textual inversion): a concept's name in the prompt, `<charlie>` or `charlie`, stands for its vectors.
+  They get token ids past the end of the text encoder's vocabulary and a per-call view of the text encoder
+  looks them up; the shared (cached) text encoder and tokenizer are never changed.
 A prompt without any of this syntax encodes exactly as diffusers' pipelines encode it.
 """
 
 from __future__ import annotations
 
+import copy
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
+
+from spellbook.errors import UserError
 
 ROUND_MULTIPLIER = 1.1
 SQUARE_MULTIPLIER = 1 / 1.1
@@ -91,6 +98,131 @@ def parse_attention(text: str) -> list[Fragment]:
     return merged or [Fragment("", 1.0)]
 
 
+# --- concepts (textual inversion) ----------------------------------------------------------------------------
+
+# Text encoder widths of the model families, to say which family a concept of another width was made for.
+FAMILY_BY_WIDTH = {768: "SD 1.x", 1024: "SD 2.x", 1280: "SDXL", 64: "the shapes model"}
+
+
+def concept_pattern(names: list[str] | tuple[str, ...]) -> re.Pattern | None:
+    """Matches a concept's name in a prompt, `<name>` or `name` as a whole word (case-insensitive, as CLIP's
+    tokenizer lowercases); longer names first, so `cat-toy` wins over `cat`."""
+    if not names:
+        return None
+    alternatives = "|".join(re.escape(name) for name in sorted(set(names), key=len, reverse=True))
+    return re.compile(rf"<(?:{alternatives})>|(?<![\w-])(?:{alternatives})(?![\w-])", re.IGNORECASE)
+
+
+def concepts_in(text: str, names: list[str] | tuple[str, ...]) -> list[str]:
+    """The names (as given) that `text` mentions, in order of first mention."""
+    pattern = concept_pattern(names)
+    if pattern is None:
+        return []
+    by_key = {name.lower(): name for name in names}
+    found: list[str] = []
+    for match in pattern.finditer(text):
+        name = by_key[match.group(0).strip("<>").lower()]
+        if name not in found:
+            found.append(name)
+    return found
+
+
+@dataclass(frozen=True)
+class ConceptTokens:
+    """Concepts given to one encoding: each name's token ids (past the end of the vocabulary) and their rows."""
+
+    token_ids: dict[str, list[int]]  # lowercased name -> one id per vector
+    rows: torch.Tensor  # (all vectors, width), row i is token id vocab_size + i
+    pattern: re.Pattern
+
+    @classmethod
+    def build(cls, concepts: Mapping[str, torch.Tensor], vocab_size: int) -> ConceptTokens | None:
+        if not concepts:
+            return None
+        token_ids, rows, next_id = {}, [], vocab_size
+        for name, vectors in concepts.items():
+            vectors = vectors.reshape(-1, vectors.shape[-1])
+            token_ids[name.lower()] = list(range(next_id, next_id + len(vectors)))
+            rows.append(vectors)
+            next_id += len(vectors)
+        return cls(token_ids, torch.cat(rows), concept_pattern(list(concepts)))
+
+    def split(self, text: str) -> list[tuple[str, list[int] | None]]:
+        """Text pieces and concept ids, in order: [("a blue ", None), ("", [49408]), (", white background", None)]."""
+        pieces: list[tuple[str, list[int] | None]] = []
+        position = 0
+        for match in self.pattern.finditer(text):
+            pieces.append((text[position : match.start()], None))
+            pieces.append(("", self.token_ids[match.group(0).strip("<>").lower()]))
+            position = match.end()
+        pieces.append((text[position:], None))
+        return pieces
+
+
+def check_concepts(concepts: Mapping[str, torch.Tensor], text_encoder, model_name: str = "") -> None:
+    """Every concept's vectors must be as wide as the text encoder's token embeddings."""
+    width = text_encoder.get_input_embeddings().embedding_dim
+    for name, vectors in concepts.items():
+        if vectors.shape[-1] != width:
+            made_for = FAMILY_BY_WIDTH.get(int(vectors.shape[-1]))
+            model = f"model {model_name!r}" if model_name else "this model"
+            raise UserError(
+                f"concept {name!r} has {vectors.shape[-1]}-dimensional vectors"
+                + (f" (made for {made_for})" if made_for else "")
+                + f", but the text encoder of {model} takes {width}-dimensional ones"
+                + (f" ({FAMILY_BY_WIDTH[width]})" if width in FAMILY_BY_WIDTH else ""),
+                field="concepts",
+                hint="use a concept trained for this model, or train one with `spellbook concept train`",
+            )
+
+
+class ExtendedEmbedding(torch.nn.Module):
+    """A token table with rows appended (concept vectors), without copying or changing the original table."""
+
+    def __init__(self, base: torch.nn.Embedding, extra: torch.Tensor):
+        super().__init__()
+        self.base = base
+        self.extra = extra
+        self.num_embeddings = base.num_embeddings + len(extra)
+        self.embedding_dim = base.embedding_dim
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        vocab = self.base.num_embeddings
+        is_extra = input_ids >= vocab
+        embedded = self.base(torch.where(is_extra, 0, input_ids))
+        if not bool(is_extra.any()):
+            return embedded
+        extra = self.extra.to(embedded.dtype)[torch.where(is_extra, input_ids - vocab, 0)]
+        return torch.where(is_extra[..., None], extra, embedded)
+
+
+def with_token_rows(text_encoder, extra: torch.Tensor):
+    """A view of `text_encoder` whose token embedding also knows `extra` rows (ids vocab_size, vocab_size+1, …).
+
+    Only the modules on the path to the token embedding are shallow-copied (their child lists too); weights are
+    shared, and the original text encoder, which other requests use at the same time, is left as it was. This
+    is what diffusers' `load_textual_inversion` does by resizing the table, minus the permanent change.
+    """
+    base = text_encoder.get_input_embeddings()
+    path = next(name for name, module in text_encoder.named_modules() if module is base).split(".")
+    root = parent = _shallow_copy(text_encoder)
+    for part in path[:-1]:
+        child = _shallow_copy(parent._modules[part])
+        parent._modules[part] = child
+        parent = child
+    parent._modules[path[-1]] = ExtendedEmbedding(base, extra)
+    return root
+
+
+def _shallow_copy(module: torch.nn.Module) -> torch.nn.Module:
+    clone = copy.copy(module)
+    clone._modules = dict(module._modules)
+    return clone
+
+
+# --- tokens and encoding -----------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class TokenChunks:
     """Token ids (each chunk 77 long, with start/end/padding) and per-token weights."""
@@ -103,7 +235,7 @@ class TokenChunks:
         return all(w == 1.0 for chunk in self.weights for w in chunk)
 
 
-def tokenize(tokenizer, text: str, min_chunks: int = 1) -> TokenChunks:
+def tokenize(tokenizer, text: str, min_chunks: int = 1, concepts: ConceptTokens | None = None) -> TokenChunks:
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     chunks: list[tuple[list[int], list[float]]] = []
@@ -119,11 +251,16 @@ def tokenize(tokenizer, text: str, min_chunks: int = 1) -> TokenChunks:
         if fragment.weight == -1:  # BREAK
             close_chunk()
             continue
-        for token in tokenizer(fragment.text, add_special_tokens=False).input_ids:
-            if len(ids) == CHUNK_TOKENS:
-                close_chunk()
-            ids.append(token)
-            weights.append(fragment.weight)
+        pieces = concepts.split(fragment.text) if concepts is not None else [(fragment.text, None)]
+        for piece, concept_ids in pieces:
+            if concept_ids is not None and len(ids) + len(concept_ids) > CHUNK_TOKENS >= len(concept_ids):
+                close_chunk()  # a concept's vectors stay together in one chunk, as in A1111
+            tokens = concept_ids if concept_ids is not None else tokenizer(piece, add_special_tokens=False).input_ids
+            for token in tokens:
+                if len(ids) == CHUNK_TOKENS:
+                    close_chunk()
+                ids.append(token)
+                weights.append(fragment.weight)
     if ids or not chunks:
         close_chunk()
     while len(chunks) < min_chunks:
@@ -138,9 +275,13 @@ def tokenize(tokenizer, text: str, min_chunks: int = 1) -> TokenChunks:
 
 
 @torch.no_grad()
-def encode_chunks(text_encoder, chunks: TokenChunks, clip_skip: int = 1) -> torch.Tensor:
+def encode_chunks(
+    text_encoder, chunks: TokenChunks, clip_skip: int = 1, concepts: ConceptTokens | None = None
+) -> torch.Tensor:
     """Embeddings of shape (1, 77 * n_chunks, hidden). clip_skip counts as in A1111 (1 = last layer)."""
     device = text_encoder.device
+    if concepts is not None:
+        text_encoder = with_token_rows(text_encoder, concepts.rows.to(device))
     encoded = []
     for ids, weights in zip(chunks.ids, chunks.weights):
         input_ids = torch.tensor([ids], device=device)
@@ -158,15 +299,26 @@ def encode_chunks(text_encoder, chunks: TokenChunks, clip_skip: int = 1) -> torc
     return torch.cat(encoded, dim=1)
 
 
-def chunk_count(tokenizer, text: str) -> int:
-    return len(tokenize(tokenizer, text).ids)
+def chunk_count(tokenizer, text: str, concepts: ConceptTokens | None = None) -> int:
+    return len(tokenize(tokenizer, text, concepts=concepts).ids)
 
 
 def encode_prompt_pair(
-    tokenizer, text_encoder, prompt: str, negative_prompt: str, clip_skip: int = 1
+    tokenizer,
+    text_encoder,
+    prompt: str,
+    negative_prompt: str,
+    clip_skip: int = 1,
+    concepts: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positive and negative conditioning with the same number of chunks (so they batch together)."""
-    n = max(chunk_count(tokenizer, prompt), chunk_count(tokenizer, negative_prompt))
-    positive = encode_chunks(text_encoder, tokenize(tokenizer, prompt, n), clip_skip)
-    negative = encode_chunks(text_encoder, tokenize(tokenizer, negative_prompt, n), clip_skip)
+    """Positive and negative conditioning with the same number of chunks (so they batch together).
+
+    `concepts` maps a concept's name to its vectors (n, width); the name in either prompt stands for them.
+    """
+    if concepts:
+        check_concepts(concepts, text_encoder)
+    tokens = ConceptTokens.build(concepts or {}, text_encoder.get_input_embeddings().num_embeddings)
+    n = max(chunk_count(tokenizer, prompt, tokens), chunk_count(tokenizer, negative_prompt, tokens))
+    positive = encode_chunks(text_encoder, tokenize(tokenizer, prompt, n, tokens), clip_skip, tokens)
+    negative = encode_chunks(text_encoder, tokenize(tokenizer, negative_prompt, n, tokens), clip_skip, tokens)
     return positive, negative

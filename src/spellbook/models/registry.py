@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,10 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+ -]{0,127}$")
 SINGLE_FILE_SUFFIXES = {".safetensors"}
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
+
+# Digests by (path, size, mtime) for this process; the JSON file keeps them across processes.
+_HASHES: dict[str, str] = {}
+_HASH_CACHE_LOCK = threading.Lock()
 
 @dataclass(frozen=True)
 class ModelEntry:
@@ -167,13 +172,19 @@ class ModelRegistry:
         path = entry.path.resolve()
         stat = path.stat()
         key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
+        if key in _HASHES:  # this process already hashed it (the server asks on every request)
+            return _HASHES[key]
         cache = self._read_hash_cache()
         if key in cache:
+            _HASHES[key] = cache[key]
             return cache[key]
         digest = sha256_folder(path) if path.is_dir() else sha256_file(path)
+        _HASHES[key] = digest
         if not entry.builtin:
-            cache[key] = digest
-            self._write_hash_cache(cache)
+            with _HASH_CACHE_LOCK:
+                cache = self._read_hash_cache()
+                cache[key] = digest
+                self._write_hash_cache(cache)
         return digest
 
     def _read_hash_cache(self) -> dict[str, str]:
@@ -184,6 +195,6 @@ class ModelRegistry:
 
     def _write_hash_cache(self, cache: dict[str, str]) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self._hash_cache_path.with_suffix(".tmp")
+        tmp = self._hash_cache_path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
         tmp.write_text(json.dumps(cache, indent=1))
         tmp.replace(self._hash_cache_path)

@@ -33,28 +33,28 @@ class TrainConfig:
     batch_size: int = 64
     vae_iterations: int = 900
     vae_lr: float = 2e-3
-    unet_iterations: int = 3300
+    unet_iterations: int = 1600
     unet_lr: float = 1e-3
     decoder_iterations: int = 600
     decoder_lr: float = 5e-4
     warmup: int = 200
     weight_decay: float = 0.01
     grad_clip: float = 1.0
-    ema_decay: float = 0.995
+    ema_decay: float = 0.99
     caption_dropout: float = 0.1
     kl_weight: float = 1e-6
     checkpoint_every: int = 200
-    eval_every: int = 400
+    eval_every: int = 200
     threads: int = 2
-    # shapes-v2 curriculum (defaults keep shapes-v1's recipe): hold the UNet learning rate constant for the
-    # first `unet_constant_until` iterations, then decay; use full captions only for the first
-    # `full_captions_until` iterations (layout words are always present while layout is learned); draw
-    # `high_t_share` of the timesteps from the top 20 % (where layout is decided); encode with the
-    # posterior mean instead of a sample.
-    unet_constant_until: int = 0
-    full_captions_until: int = 0
-    high_t_share: float = 0.0
-    posterior_mean: bool = False
+    # The shapes-v2 curriculum (shapes-v1 had none of it and never learned position words): hold the UNet
+    # learning rate constant for the first `unet_constant_until` iterations, then decay; use full captions
+    # only for the first `full_captions_until` iterations (layout words are always present while layout is
+    # learned); draw `high_t_share` of the timesteps from the top 20 % (where layout is decided); encode
+    # with the posterior mean instead of a sample.
+    unet_constant_until: int = 1000
+    full_captions_until: int = 1000
+    high_t_share: float = 0.3
+    posterior_mean: bool = True
 
 
 @dataclass
@@ -387,10 +387,13 @@ from scratch by `spellbook toy train --seed {cfg.seed}` on procedurally drawn im
 - Weights stored as float16 safetensors; Spellbook loads them as float32 (exact widening).
 - Latents 8x8x4 (VAE downsampling x4), latent scaling factor {state.scaling_factor:.4f} (measured).
 - Training: VAE {cfg.vae_iterations} iterations (lr {cfg.vae_lr}), then UNet + text encoder
-  {cfg.unet_iterations} iterations on the frozen encoder's latents (v-prediction, DDPM squaredcos_cap_v2,
-  AdamW lr {cfg.unet_lr} with {cfg.warmup}-step warm-up and cosine decay, weight decay {cfg.weight_decay}, grad clip
-  {cfg.grad_clip}, EMA {cfg.ema_decay}, batch {cfg.batch_size}, {cfg.caption_dropout:.0%} caption dropout), then
-  {cfg.decoder_iterations} iterations fine-tuning only the VAE decoder. {state.seconds / 60:.0f} minutes on 2 CPU cores.
+  {cfg.unet_iterations} iterations on the frozen encoder's latents (posterior mean: {cfg.posterior_mean};
+  v-prediction, DDPM squaredcos_cap_v2, {cfg.high_t_share:.0%} of timesteps from the noisiest 20 %; AdamW lr
+  {cfg.unet_lr} with {cfg.warmup}-step warm-up, constant until {cfg.unet_constant_until}, then cosine decay;
+  full captions only until {cfg.full_captions_until}; weight decay {cfg.weight_decay}, grad clip {cfg.grad_clip},
+  EMA {cfg.ema_decay}, batch {cfg.batch_size}, {cfg.caption_dropout:.0%} caption dropout), then
+  {cfg.decoder_iterations} iterations fine-tuning only the VAE decoder. UNet phase: {state.seconds / 60:.0f} minutes
+  on 2 shared CPU cores.
 - Last evaluation during training (EMA weights, DDIM 20 steps, CFG 5, 40 prompts x 1 seed): {json.dumps(last)}
 - Defaults: {json.dumps(MODEL_DEFAULTS)}.
 """

@@ -1,0 +1,303 @@
+"""The concepts library: SPELLBOOK_HOME/concepts, one file per concept, named as it is used in prompts.
+
+`charlie.safetensors` is the concept `charlie`, used in a prompt as `<charlie>` or `charlie` (A1111 names
+embeddings after their files the same way); `charlie.png`, when present, is its sample image. Files dropped
+in by hand work too (`.safetensors`; `.pt` / `.bin` pickles only with allow_pickle). A recipe records each
+concept it used by name and sha256 of the file (A1111's "TI hashes"), so a changed file is noticed.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from spellbook.concepts.formats import (
+    DIFFUSERS,
+    PICKLE_SUFFIXES,
+    SUFFIXES,
+    Concept,
+    default_name,
+    read_concept,
+    write_concept,
+)
+from spellbook.engine.prompts import concepts_in
+from spellbook.errors import Conflict, NotFound, UserError
+from spellbook.recipe import ConceptRef, suggest
+from spellbook.settings import Settings
+
+# No spaces: a name is written in prompts. Letters, digits, '_', '-', '.', '+'; starts with a letter or digit.
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
+SAMPLE_SUFFIX = ".png"
+
+
+def check_concept_name(name: str) -> str:
+    """A concept name as typed, with or without angle brackets: `<charlie>` -> `charlie`."""
+    bare = name.strip()
+    if bare.startswith("<") and bare.endswith(">"):
+        bare = bare[1:-1]
+    if not NAME_PATTERN.match(bare) or ".." in bare:
+        raise UserError(
+            f"concept name {name!r} is not allowed: use letters, digits, '_', '-', '.' and '+', starting with a "
+            "letter or digit, no spaces (the name is what you write in prompts)",
+            field="name",
+        )
+    return bare
+
+
+@dataclass(frozen=True)
+class ConceptInfo:
+    """What `concept list` / `concept info` show. `vectors` and `dims` are None for a pickle not allowed."""
+
+    name: str
+    path: Path
+    sha256: str
+    size: int
+    layout: str | None
+    token: str | None
+    vectors: int | None
+    dims: int | None
+    trained_for: str | None
+    sample: Path | None
+    metadata: dict[str, str]
+    note: str = ""
+
+    @property
+    def short_hash(self) -> str:
+        return self.sha256[:12]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "trigger": f"<{self.name}>",
+            "path": str(self.path),
+            "hash": self.short_hash,
+            "sha256": self.sha256,
+            "size": self.size,
+            "format": self.layout,
+            "token": self.token,
+            "vectors": self.vectors,
+            "dims": self.dims,
+            "trained_for": self.trained_for,
+            "sample": str(self.sample) if self.sample else None,
+            "metadata": self.metadata,
+            "note": self.note or None,
+        }
+
+
+class ConceptLibrary:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        # (path, size, mtime_ns) -> (sha256, concept): a file is read and hashed once while it is unchanged.
+        self._loaded: dict[tuple[str, int, int], tuple[str, Concept]] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def folder(self) -> Path:
+        return self.settings.concepts_dir
+
+    # ------------------------------------------------------------------------------------------ finding
+    def files(self) -> dict[str, Path]:
+        """Concept name -> file. A .safetensors wins over a pickle of the same name."""
+        found: dict[str, Path] = {}
+        if not self.folder.is_dir():
+            return found
+        rank = {suffix: i for i, suffix in enumerate(SUFFIXES)}
+        paths = [p for p in self.folder.iterdir() if p.is_file() and p.suffix.lower() in rank]
+        for path in sorted(paths, key=lambda p: (p.stem, rank[p.suffix.lower()])):
+            if path.name.startswith(".") or not NAME_PATTERN.match(path.stem):
+                continue
+            found.setdefault(path.stem, path)
+        return found
+
+    def names(self) -> list[str]:
+        return list(self.files())
+
+    def path_of(self, name: str) -> Path:
+        bare = check_concept_name(name)
+        files = self.files()
+        if bare in files:
+            return files[bare]
+        by_lower = {n.lower(): n for n in files}
+        if bare.lower() in by_lower:
+            return files[by_lower[bare.lower()]]
+        hint = suggest(bare, list(files)) if files else f"the library ({self.folder}) is empty"
+        raise NotFound(f"unknown concept {bare!r}; {hint}", field="concept")
+
+    def load(self, name: str) -> tuple[Concept, str]:
+        """(concept, sha256 of its file)."""
+        sha256, concept = self._load_path(self.path_of(name))
+        return concept, sha256
+
+    def _load_path(self, path: Path) -> tuple[Concept, str]:
+        from spellbook.models.registry import sha256_file
+
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+        with self._lock:
+            if key in self._loaded:
+                return self._loaded[key]
+        concept = read_concept(path, path.stem, allow_pickle=self.settings.allow_pickle)
+        entry = (sha256_file(path), concept)
+        with self._lock:
+            self._loaded[key] = entry
+        return entry
+
+    def sample_path(self, name: str) -> Path:
+        return self.folder / f"{check_concept_name(name)}{SAMPLE_SUFFIX}"
+
+    def info(self, name: str) -> ConceptInfo:
+        return self._info(self.path_of(name))
+
+    def _info(self, path: Path) -> ConceptInfo:
+        from spellbook.errors import Refused
+        from spellbook.models.registry import sha256_file
+
+        sample = path.with_suffix(SAMPLE_SUFFIX)
+        common = {
+            "name": path.stem,
+            "path": path,
+            "size": path.stat().st_size,
+            "sample": sample if sample.is_file() else None,
+        }
+        try:
+            sha256, concept = self._load_path(path)
+        except Refused as error:  # a pickle while pickles are off: listed, but not read
+            return ConceptInfo(
+                sha256=sha256_file(path), layout=None, token=None, vectors=None, dims=None, trained_for=None,
+                metadata={}, note=f"{error.message} ({error.hint})" if error.hint else error.message, **common,
+            )  # fmt: skip
+        return ConceptInfo(
+            sha256=sha256,
+            layout=concept.layout,
+            token=concept.token,
+            vectors=concept.n_vectors,
+            dims=concept.width,
+            trained_for=concept.trained_for,
+            metadata=dict(sorted(concept.metadata.items())),
+            **common,
+        )
+
+    def list(self) -> list[ConceptInfo]:
+        """Every concept in the library; a file that cannot be read is listed with a note, not an error."""
+        infos = []
+        for path in self.files().values():
+            try:
+                infos.append(self._info(path))
+            except UserError as error:
+                infos.append(
+                    ConceptInfo(path.stem, path, "", path.stat().st_size, None, None, None, None, None, None, {},
+                                note=error.message)
+                )  # fmt: skip
+        return infos
+
+    # ------------------------------------------------------------------------------------------ changing
+    def add(self, concept: Concept, *, overwrite: bool = False, sample: Any = None) -> Path:
+        """Write a concept (ours: diffusers layout, safetensors) as `<name>.safetensors`; `sample` a PIL image."""
+        name = check_concept_name(concept.name)
+        self._check_free(name, overwrite)
+        path = write_concept(concept, self.folder / f"{name}.safetensors", DIFFUSERS)
+        if sample is not None:
+            sample.save(path.with_suffix(SAMPLE_SUFFIX))
+        return path
+
+    def import_file(self, source: Path, name: str | None = None, *, overwrite: bool = False) -> ConceptInfo:
+        """Add a concept file. A .safetensors is copied byte for byte, so its hash (TI hashes) stays the one
+        A1111 and Civitai show; a pickle (only with allow_pickle) is converted to safetensors."""
+        source = Path(source).expanduser()
+        if not source.is_file():
+            raise UserError(f"{source} does not exist or is not a file", field="file")
+        concept = read_concept(source, allow_pickle=self.settings.allow_pickle)  # checks the content first
+        name = check_concept_name(name or default_name(source, {concept.token: None}))
+        self._check_free(name, overwrite)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        target = self.folder / f"{name}.safetensors"
+        if source.suffix.lower() in PICKLE_SUFFIXES:
+            from spellbook.models.registry import sha256_file
+
+            metadata = {**concept.metadata, "converted_from": f"{source.name} sha256 {sha256_file(source)}"}
+            write_concept(Concept(name, concept.vectors, concept.token, concept.layout, metadata), target)
+        else:
+            tmp = target.with_name(f".{target.name}.tmp")
+            shutil.copyfile(source, tmp)
+            tmp.replace(target)
+        return self._info(target)
+
+    def remove(self, name: str) -> Path:
+        path = self.path_of(name)
+        path.unlink()
+        sample = path.with_suffix(SAMPLE_SUFFIX)
+        if sample.is_file():
+            sample.unlink()
+        return path
+
+    def export(self, name: str, out: Path, fmt: str = DIFFUSERS) -> Path:
+        concept, _ = self.load(name)
+        return write_concept(concept, out, fmt)
+
+    def _check_free(self, name: str, overwrite: bool) -> None:
+        taken = {n.lower(): n for n in self.files()}
+        if name.lower() in taken and not (overwrite and taken[name.lower()] == name):
+            raise Conflict(
+                f"a concept named {taken[name.lower()]!r} already exists"
+                + ("" if overwrite else "; choose another --name or remove it first"),
+                field="name",
+            )
+
+    # ------------------------------------------------------------------------------------------ prompts
+    def resolve(self, prompt: str, negative_prompt: str = "") -> tuple[tuple[ConceptRef, ...], dict[str, torch.Tensor]]:
+        """The library's concepts that a prompt pair mentions: their refs (for the recipe) and vectors."""
+        names = self.names()
+        used = concepts_in(prompt, names)
+        used += [n for n in concepts_in(negative_prompt, names) if n not in used]
+        refs, vectors = [], {}
+        for name in used:
+            sha256, concept = self._load_path(self.files()[name])
+            refs.append(ConceptRef(name, sha256))
+            vectors[name] = concept.vectors
+        return tuple(refs), vectors
+
+    def vectors_for(self, refs: tuple[ConceptRef, ...] | list[ConceptRef]) -> dict[str, torch.Tensor]:
+        """The vectors of the concepts a recipe recorded, each checked against its recorded hash (found by name,
+        or by hash under another name); a changed or missing file is a clear error."""
+        vectors: dict[str, torch.Tensor] = {}
+        files = self.files()
+        for ref in refs:
+            path = files.get(ref.name)
+            sha256, concept = self._load_path(path) if path else ("", None)
+            if sha256 != ref.sha256:
+                renamed = self._find_by_hash(ref.sha256)
+                if renamed is not None:
+                    sha256, concept = renamed
+                elif path is not None:
+                    raise UserError(
+                        f"concept {ref.name!r} has changed since this recipe was made (TI hash {ref.short_hash} "
+                        f"recorded, {sha256[:12]} now in {path})",
+                        field="concepts",
+                        hint="put back the file it was made with to reproduce it",
+                    )
+                else:
+                    raise NotFound(
+                        f"concept {ref.name!r} (TI hash {ref.short_hash}) is not in {self.folder}",
+                        field="concepts",
+                        hint="import it with `spellbook concept import FILE`",
+                    )
+            vectors[ref.name] = concept.vectors
+        return vectors
+
+    def _find_by_hash(self, sha256: str) -> tuple[str, Concept] | None:
+        from spellbook.errors import Refused
+
+        for path in self.files().values():
+            try:
+                found = self._load_path(path)
+            except (UserError, Refused):
+                continue
+            if found[0] == sha256:
+                return found
+        return None

@@ -1,0 +1,277 @@
+"""Scale-out mode: the server dispatches groups of compatible jobs to Celery workers over Redis.
+
+The store stays the record of every job (state, credits, result). The server's dispatcher leases a group
+of queued jobs, sends it as one task (`spellbook.run_jobs`), renews the lease while the task is pending or
+running, and records the outcome once when the task's result arrives; PNGs travel back inside the result
+and are written to the server's home. Workers need only the models (by name, checked by hash) and the
+broker: no shared disk, no database.
+
+Delivery: acks late + reject on worker lost + prefetch 1, so a task whose worker is killed is not lost:
+Redis redelivers it to another worker after `visibility_timeout` seconds. A task can therefore run twice
+(a slow worker past the timeout, or a kill during the final write); completion is recorded once.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from spellbook.queue.jobs import Job, JobQueue
+from spellbook.settings import Settings
+
+log = logging.getLogger("spellbook.dispatcher")
+TASK = "spellbook.run_jobs"
+
+
+def make_celery(settings: Settings):
+    from celery import Celery
+
+    app = Celery("spellbook", broker=settings.broker, backend=settings.broker)
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        result_backend_transport_options={"visibility_timeout": settings.visibility_timeout},
+        result_expires=24 * 3600,
+        task_track_started=True,
+        worker_hijack_root_logger=False,
+        broker_connection_retry_on_startup=True,
+    )
+    return app
+
+
+# --------------------------------------------------------------------------------------------- worker side
+class _WorkerRuntime:
+    """One per worker process: the studio (models stay loaded between tasks) and its executor."""
+
+    def __init__(self, settings: Settings):
+        from spellbook.queue.worker import Executor
+        from spellbook.studio import Studio
+
+        self.settings = settings
+        self.studio = Studio(settings)
+        self.executor = Executor(self.studio)
+
+
+def register_task(app, settings: Settings) -> None:
+    runtime: dict[str, _WorkerRuntime] = {}
+
+    @app.task(name=TASK, bind=True)
+    def run_jobs(self, payload: dict[str, Any]) -> dict[str, Any]:
+        from spellbook.errors import SpellbookError
+        from spellbook.queue.worker import encode_png
+        from spellbook.recipe import Recipe
+
+        if "studio" not in runtime:
+            runtime["studio"] = _WorkerRuntime(settings)
+        rt = runtime["studio"]
+        # Inputs (init images, masks) travel by value and are kept by hash, as the studio expects them.
+        for digest, data in payload.get("inputs", {}).items():
+            target = rt.settings.inputs_dir / f"{digest}.png"
+            if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(base64.b64decode(data))
+        # Validated against the server's limits at submit; the worker enforces its own device's limits.
+        jobs = [(j["id"], Recipe.from_dict(j["recipe"], rt.studio.limits)) for j in payload["jobs"]]
+        last = [0.0]
+
+        def on_progress(progress, _components) -> None:
+            now = time.time()
+            if now - last[0] > 0.5 or progress.step == progress.total:
+                last[0] = now
+                self.update_state(state="PROGRESS", meta={"step": progress.step, "total": progress.total})
+
+        outcome = rt.executor.run(jobs, on_progress=on_progress, batching=payload.get("batching", True))
+        results: dict[str, Any] = {}
+        for job_id, value in outcome.items():
+            if isinstance(value, SpellbookError):
+                results[job_id] = {"error": value.to_dict()["error"]}
+            else:
+                results[job_id] = {"images": [encode_png(image) for image in value]}
+        return {"results": results, "worker": self.request.hostname, "batched_with": len(jobs)}
+
+
+def run_worker(settings: Settings, name: str | None = None) -> None:
+    app = make_celery(settings)
+    register_task(app, settings)
+    hostname = name or f"spellbook-{socket.gethostname()}-{os.getpid()}"
+    app.worker_main(
+        argv=[
+            "worker",
+            "--pool=solo",  # one job group at a time, models loaded once in this process
+            "--concurrency=1",
+            f"--hostname={hostname}",
+            "--loglevel=WARNING",
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )
+
+
+# --------------------------------------------------------------------------------------------- server side
+def save_pngs(home: Path, job_id: str, pngs: list[str]) -> list[dict[str, Any]]:
+    """Write PNG bytes a worker sent back (recipe chunks included) under images/YYYY/MM/DD."""
+    import hashlib
+    import io
+
+    from PIL import Image
+
+    from spellbook.provenance import image_sha256, read_metadata
+
+    folder = home / "images" / datetime.now(UTC).strftime("%Y/%m/%d")
+    folder.mkdir(parents=True, exist_ok=True)
+    records = []
+    for index, data in enumerate(pngs):
+        raw = base64.b64decode(data)
+        path = folder / f"{job_id}-{index}.png"
+        tmp = path.with_suffix(f".{hashlib.sha256(raw).hexdigest()[:8]}.tmp")
+        tmp.write_bytes(raw)
+        tmp.replace(path)
+        recipe = read_metadata(path).recipe
+        with Image.open(io.BytesIO(raw)) as image:
+            digest = image_sha256(image)
+        records.append(
+            {
+                "index": index,
+                "seed": recipe.image_seed if recipe else None,
+                "path": str(path.relative_to(home)),
+                "sha256": digest,
+            }
+        )
+    return records
+
+
+class Dispatcher:
+    """In the server: leases job groups from the store and sends each to Celery; records results once."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        queue: JobQueue,
+        *,
+        on_images: Callable[[Job, list[dict]], None] | None = None,
+        max_in_flight: int = 16,
+    ):
+        self.settings = settings
+        self.queue = queue
+        self.on_images = on_images
+        self.max_in_flight = max_in_flight
+        self.celery = make_celery(settings)
+        self.in_flight: dict[str, list[str]] = {}  # task id -> job ids
+        self.wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @staticmethod
+    def lease_owner(task_id: str) -> str:
+        return f"celery:{task_id}"
+
+    def start(self) -> None:
+        self.recover()
+        self._thread = threading.Thread(target=self._loop, name="spellbook-dispatcher", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10) -> None:
+        self._stop.set()
+        self.wake.set()
+        if self._thread:
+            self._thread.join(timeout)
+
+    def recover(self) -> None:
+        """After a restart: tasks sent before it are still tracked (their results are still coming)."""
+        rows = self.queue.db.execute(
+            "SELECT id, lease_owner FROM jobs WHERE state = 'running' AND lease_owner LIKE 'celery:%'"
+        ).fetchall()
+        for row in rows:
+            self.in_flight.setdefault(row["lease_owner"].removeprefix("celery:"), []).append(row["id"])
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.queue.requeue_expired()
+                sent = self._dispatch()
+                self._collect()
+            except Exception:  # the loop must survive a broker hiccup; leases make retries safe
+                log.exception("dispatcher loop error")
+                sent = 0
+            if not sent:
+                self.wake.wait(0.2)
+                self.wake.clear()
+
+    def _dispatch(self) -> int:
+        sent = 0
+        max_batch = self.settings.max_jobs_batch if self.settings.batching else 1
+        while len(self.in_flight) < self.max_in_flight:
+            task_id = uuid.uuid4().hex
+            jobs = self.queue.lease(self.lease_owner(task_id), max_batch=max_batch)
+            if not jobs:
+                break
+            payload = {
+                "jobs": [{"id": job.id, "recipe": job.request["recipe"]} for job in jobs],
+                "inputs": self._inputs(jobs),
+                "batching": self.settings.batching,
+            }
+            self.in_flight[task_id] = [job.id for job in jobs]
+            self.celery.send_task(TASK, args=[payload], task_id=task_id)
+            sent += 1
+        return sent
+
+    def _inputs(self, jobs: list[Job]) -> dict[str, str]:
+        inputs = {}
+        for job in jobs:
+            for key in ("init_image", "mask"):
+                ref = job.request["recipe"].get(key)
+                if ref:
+                    path = self.settings.inputs_dir / f"{ref['sha256']}.png"
+                    inputs[ref["sha256"]] = base64.b64encode(path.read_bytes()).decode()
+        return inputs
+
+    def _collect(self) -> None:
+        for task_id, job_ids in list(self.in_flight.items()):
+            result = self.celery.AsyncResult(task_id)
+            state = result.state
+            if state == "SUCCESS":
+                self._record(task_id, job_ids, result.result)
+                result.forget()
+            elif state in ("FAILURE", "REVOKED"):
+                for job_id in job_ids:
+                    self.queue.fail(job_id, {"code": "worker_error", "message": f"the worker failed: {result.result}"})
+                del self.in_flight[task_id]
+                result.forget()
+            else:  # PENDING, STARTED, PROGRESS, RETRY: the task lives; keep its jobs leased
+                info = result.info if state == "PROGRESS" and isinstance(result.info, dict) else {}
+                fraction = info["step"] / info["total"] if info.get("total") else None
+                stopped = self.queue.heartbeat(self.lease_owner(task_id), job_ids, fraction)
+                if len(stopped) == len(job_ids):  # every job cancelled (or taken over): stop tracking
+                    self.celery.control.revoke(task_id)
+                    del self.in_flight[task_id]
+
+    def _record(self, task_id: str, job_ids: list[str], value: dict[str, Any]) -> None:
+        for job_id in job_ids:
+            outcome = value["results"].get(job_id)
+            if outcome is None or not self.queue.is_active(job_id):
+                continue  # cancelled meanwhile, or already recorded
+            if "error" in outcome:
+                self.queue.fail(job_id, outcome["error"])
+                continue
+            records = save_pngs(self.settings.home, job_id, outcome["images"])
+            job = self.queue.get(job_id)
+            if self.on_images:
+                self.on_images(job, records)
+            self.queue.complete(
+                job_id, {"images": records, "batched_with": value.get("batched_with", 1), "worker": value.get("worker")}
+            )
+        del self.in_flight[task_id]

@@ -1,0 +1,293 @@
+"""Job lifecycle on the store's `jobs` table: queued -> running -> done | failed | cancelled.
+
+- submit: the job row and its credit debit are one transaction (no job without payment, no payment
+  without a job).
+- lease: a worker takes a group of compatible queued jobs (same batch key) and holds them for
+  `lease_seconds`, renewed by heartbeats; fairness: the group is led by the oldest job of the owner with
+  the fewest jobs running, so one user's thousand jobs do not starve another's one.
+- a running job whose lease expired (its worker died) is queued again (up to `max_attempts` runs).
+- complete / fail / cancel are recorded once: each is a conditional UPDATE on the job's state, so a late
+  second completion (a job that ran twice after a lease expired) changes nothing. Failure and cancellation
+  refund the debit, at most once (a unique ledger index).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from spellbook.errors import Conflict, Forbidden, NotFound
+from spellbook.recipe import Limits, Recipe
+from spellbook.store.accounts import Accounts
+from spellbook.store.db import Database
+
+STATES = ("queued", "running", "done", "failed", "cancelled")
+FINAL = ("done", "failed", "cancelled")
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    owner: int | None
+    kind: str
+    request: dict[str, Any]
+    cost: int
+    state: str
+    batch_key: str
+    created: float
+    started: float | None
+    finished: float | None
+    attempts: int
+    progress: float
+    error: dict | None
+    result: dict | None
+    lease_owner: str | None = None
+
+    @property
+    def recipe(self) -> Recipe:
+        """The recipe as queued (it was validated against the server's limits when submitted)."""
+        return Recipe.from_dict(self.request["recipe"], Limits(max_pixels=2**62, max_batch=2**31, max_steps=2**31))
+
+    def public(self) -> dict[str, Any]:
+        """The job as the API shows it."""
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "state": self.state,
+            "progress": round(self.progress, 4),
+            "cost": self.cost,
+            "created": self.created,
+            "started": self.started,
+            "finished": self.finished,
+            "attempts": self.attempts,
+            "recipe": self.request.get("recipe"),
+            "error": self.error,
+            "result": self.result,
+        }
+
+
+def _job(row) -> Job:
+    return Job(
+        id=row["id"],
+        owner=row["owner"],
+        kind=row["kind"],
+        request=json.loads(row["request"]),
+        cost=row["cost"],
+        state=row["state"],
+        batch_key=row["batch_key"],
+        created=row["created"],
+        started=row["started"],
+        finished=row["finished"],
+        attempts=row["attempts"],
+        progress=row["progress"],
+        error=json.loads(row["error"]) if row["error"] else None,
+        result=json.loads(row["result"]) if row["result"] else None,
+        lease_owner=row["lease_owner"],
+    )
+
+
+def job_cost(recipe: Recipe) -> int:
+    """Credits for a recipe: its work, images x steps x pixels, in units of 2^16 pixel-steps (at least 1).
+
+    The shapes model's default (32x32, 20 steps) costs 1 per image; SD 1.5 at 512x512 and 20 steps, 80.
+    """
+    steps = recipe.steps if recipe.kind == "txt2img" else max(1, int(recipe.steps * (recipe.strength or 1.0)))
+    work = recipe.batch_size * steps * recipe.width * recipe.height
+    return max(1, -(-work // 65536))
+
+
+def batch_key(recipe: Recipe) -> str:
+    """Jobs with equal keys can share one forward pass (same model, size, sampler, steps, guidance)."""
+    from spellbook.engine.samplers import SAMPLER_SPECS
+
+    if recipe.kind != "txt2img" or not SAMPLER_SPECS[recipe.sampler].batch_invariant:
+        return ""  # image inputs, or a sampler with one noise stream per batch: run alone
+    return json.dumps(
+        [
+            recipe.model.sha256 or recipe.model.name,
+            recipe.vae.sha256 if recipe.vae else None,
+            [c.sha256 for c in recipe.concepts],
+            recipe.sampler,
+            recipe.schedule,
+            recipe.steps,
+            recipe.guidance,
+            recipe.width,
+            recipe.height,
+            recipe.clip_skip,
+        ]
+    )
+
+
+class JobQueue:
+    def __init__(self, db: Database, *, lease_seconds: float = 60.0, max_attempts: int = 3):
+        self.db = db
+        self.lease_seconds = lease_seconds
+        self.max_attempts = max_attempts
+
+    # ----------------------------------------------------------------------------------------- submit
+    def submit(self, recipe: Recipe, *, owner: int | None, cost: int | None = None, extra: dict | None = None) -> Job:
+        job_id = uuid.uuid4().hex
+        cost = job_cost(recipe) if cost is None else cost
+        request = {"recipe": recipe.to_dict(), **(extra or {})}
+        with self.db.transaction() as conn:
+            if owner is not None:
+                Accounts.debit(conn, owner, cost, job_id)
+            conn.execute(
+                "INSERT INTO jobs (id, owner, kind, request, cost, batch_key, created) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (job_id, owner, recipe.kind, json.dumps(request), cost, batch_key(recipe), time.time()),
+            )
+        return self.get(job_id)
+
+    # -------------------------------------------------------------------------------------------- read
+    def get(self, job_id: str, *, viewer: int | None = None, admin: bool = True) -> Job:
+        row = self.db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no job {job_id!r}", field="job_id")
+        job = _job(row)
+        if not admin and job.owner != viewer:
+            raise NotFound(f"no job {job_id!r}", field="job_id")  # another's job: as if it did not exist
+        return job
+
+    def list(self, *, owner: int | None = None, all_users: bool = False, limit: int = 50) -> list[Job]:
+        if all_users:
+            rows = self.db.execute("SELECT * FROM jobs ORDER BY created DESC LIMIT ?", (limit,))
+        else:
+            rows = self.db.execute("SELECT * FROM jobs WHERE owner IS ? ORDER BY created DESC LIMIT ?", (owner, limit))
+        return [_job(r) for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        found = dict(self.db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
+        return {state: found.get(state, 0) for state in STATES}
+
+    # ----------------------------------------------------------------------------------------- workers
+    def requeue_expired(self, now: float | None = None) -> int:
+        """Running jobs whose worker stopped renewing the lease go back to the queue (or fail, refunded,
+        after max_attempts runs)."""
+        now = time.time() if now is None else now
+        with self.db.transaction() as conn:
+            expired = conn.execute(
+                "SELECT id, attempts FROM jobs WHERE state = 'running' AND lease_expires < ?", (now,)
+            ).fetchall()
+            for row in expired:
+                if row["attempts"] >= self.max_attempts:
+                    error = {"code": "worker_lost", "message": f"the job's worker stopped {row['attempts']} times"}
+                    conn.execute(
+                        "UPDATE jobs SET state = 'failed', finished = ?, error = ?, lease_owner = NULL WHERE id = ?",
+                        (now, json.dumps(error), row["id"]),
+                    )
+                    Accounts.refund(conn, row["id"])
+                else:
+                    conn.execute(
+                        "UPDATE jobs SET state = 'queued', lease_owner = NULL, lease_expires = NULL, progress = 0 "
+                        "WHERE id = ?",
+                        (row["id"],),
+                    )
+        return len(expired)
+
+    def lease(self, worker: str, *, max_batch: int = 8, max_images: int = 16) -> list[Job]:
+        """Take the next group of compatible jobs (fair across owners); empty when the queue is empty."""
+        now = time.time()
+        with self.db.transaction() as conn:
+            lead = conn.execute(
+                """
+                SELECT j.* FROM jobs j
+                WHERE j.state = 'queued'
+                ORDER BY (SELECT COUNT(*) FROM jobs r WHERE r.state = 'running' AND r.owner IS j.owner),
+                         (SELECT MAX(started) FROM jobs s WHERE s.owner IS j.owner AND s.started IS NOT NULL),
+                         j.created
+                LIMIT 1
+                """
+            ).fetchone()
+            if lead is None:
+                return []
+            group = [lead]
+            if lead["batch_key"] and max_batch > 1:
+                # Round-robin over owners within the group too: each owner's oldest compatible jobs first.
+                candidates = conn.execute(
+                    """
+                    SELECT * FROM (
+                        SELECT j.*, ROW_NUMBER() OVER (PARTITION BY owner ORDER BY created) AS turn
+                        FROM jobs j WHERE state = 'queued' AND batch_key = ? AND id != ?
+                    ) ORDER BY turn, created LIMIT ?
+                    """,
+                    (lead["batch_key"], lead["id"], max_batch - 1),
+                ).fetchall()
+                images = json.loads(lead["request"])["recipe"]["batch_size"]
+                for row in candidates:
+                    size = json.loads(row["request"])["recipe"]["batch_size"]
+                    if images + size > max_images:
+                        continue
+                    group.append(row)
+                    images += size
+            ids = [row["id"] for row in group]
+            conn.executemany(
+                "UPDATE jobs SET state = 'running', lease_owner = ?, lease_expires = ?, started = ?, "
+                "attempts = attempts + 1, progress = 0 WHERE id = ? AND state = 'queued'",
+                [(worker, now + self.lease_seconds, now, job_id) for job_id in ids],
+            )
+        return [self.get(job_id) for job_id in ids]
+
+    def heartbeat(self, worker: str, job_ids: list[str], progress: float | None = None) -> list[str]:
+        """Renew the lease; returns the ids this worker should stop (cancelled, or taken over by another)."""
+        now = time.time()
+        stop = []
+        with self.db.transaction() as conn:
+            for job_id in job_ids:
+                if progress is None:
+                    updated = conn.execute(
+                        "UPDATE jobs SET lease_expires = ? WHERE id = ? AND state = 'running' AND lease_owner = ?",
+                        (now + self.lease_seconds, job_id, worker),
+                    )
+                else:
+                    updated = conn.execute(
+                        "UPDATE jobs SET lease_expires = ?, progress = ? "
+                        "WHERE id = ? AND state = 'running' AND lease_owner = ?",
+                        (now + self.lease_seconds, progress, job_id, worker),
+                    )
+                if updated.rowcount == 0:
+                    stop.append(job_id)
+        return stop
+
+    def complete(self, job_id: str, result: dict, *, worker: str | None = None) -> bool:
+        """Record the result once. False when the job already ended (done by another run, or cancelled)."""
+        with self.db.transaction() as conn:
+            done = conn.execute(
+                "UPDATE jobs SET state = 'done', finished = ?, result = ?, progress = 1, lease_owner = NULL "
+                "WHERE id = ? AND state IN ('running', 'queued')",
+                (time.time(), json.dumps(result), job_id),
+            )
+        return done.rowcount == 1
+
+    def fail(self, job_id: str, error: dict) -> bool:
+        with self.db.transaction() as conn:
+            done = conn.execute(
+                "UPDATE jobs SET state = 'failed', finished = ?, error = ?, lease_owner = NULL "
+                "WHERE id = ? AND state IN ('running', 'queued')",
+                (time.time(), json.dumps(error), job_id),
+            )
+            if done.rowcount == 1:
+                Accounts.refund(conn, job_id)
+        return done.rowcount == 1
+
+    def cancel(self, job_id: str, *, viewer: int | None = None, admin: bool = True) -> Job:
+        job = self.get(job_id, viewer=viewer, admin=admin)
+        if not admin and job.owner != viewer:
+            raise Forbidden("that job is not yours", field="job_id")
+        with self.db.transaction() as conn:
+            done = conn.execute(
+                "UPDATE jobs SET state = 'cancelled', finished = ?, cancel_requested = 1, lease_owner = NULL "
+                "WHERE id = ? AND state IN ('running', 'queued')",
+                (time.time(), job_id),
+            )
+            if done.rowcount == 1:
+                Accounts.refund(conn, job_id)
+        if done.rowcount == 0:
+            raise Conflict(f"job {job_id} has already ended ({job.state}); nothing to cancel", field="job_id")
+        return self.get(job_id)
+
+    def is_active(self, job_id: str) -> bool:
+        row = self.db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return row is not None and row["state"] == "running"

@@ -1,0 +1,200 @@
+"""The FastAPI application: services wired once in `create_app`, routes in native.py and a1111.py.
+
+Embedded mode (no broker): jobs are rows in the store, run by a worker thread in this process.
+Scale-out mode (`broker`): the same rows, dispatched in compatible groups to Celery workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.middleware.base import BaseHTTPMiddleware
+
+from spellbook import __version__
+from spellbook.errors import SpellbookError, TooLarge, UserError
+from spellbook.queue.jobs import FINAL, Job, JobQueue
+from spellbook.queue.worker import EmbeddedWorker
+from spellbook.server.security import (
+    LOCAL,
+    Principal,
+    RateLimiter,
+    auth_required,
+    authenticate,
+    check_origin,
+    is_loopback,
+)
+from spellbook.settings import Settings
+from spellbook.store.accounts import Accounts
+from spellbook.store.db import Database
+from spellbook.studio import Studio
+
+
+@dataclass
+class Services:
+    settings: Settings
+    db: Database
+    accounts: Accounts
+    queue: JobQueue
+    studio: Studio
+    auth: bool
+    limiter: RateLimiter
+    worker: EmbeddedWorker | None = None
+    dispatcher: object | None = None  # queue.celery.Dispatcher in scale-out mode
+    default_model: str = "shapes"
+    started: float = field(default_factory=time.time)
+
+    def wake(self) -> None:
+        if self.worker:
+            self.worker.wake.set()
+        if self.dispatcher:
+            self.dispatcher.wake.set()
+
+    def live(self, job_id: str):
+        if self.worker:
+            return self.worker.live.get(job_id)
+        return None
+
+    async def wait_final(self, job_id: str, timeout: float = 3600) -> Job:
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.queue.get(job_id)
+            if job.state in FINAL or time.monotonic() > deadline:
+                return job
+            await asyncio.sleep(0.1)
+
+
+def build_services(settings: Settings, *, start_worker: bool = True) -> Services:
+    db = Database(settings.db_path)
+    accounts = Accounts(db)
+    required = auth_required(settings.auth, settings.host)
+    if required and not is_loopback(settings.host) and not accounts.has_admin():
+        raise UserError(
+            f"serving on {settings.host} requires authentication, and there is no admin user yet: create one with "
+            "`spellbook users add NAME --admin` and `spellbook token create NAME`",
+            field="auth",
+        )
+    queue = JobQueue(db, lease_seconds=settings.lease_seconds)
+    studio = Studio(settings)
+    services = Services(settings, db, accounts, queue, studio, required, RateLimiter(settings.rate_limit))
+    if start_worker:
+        if settings.broker:
+            from spellbook.queue.celery import Dispatcher
+
+            services.dispatcher = Dispatcher(settings, queue, on_images=_file_in_gallery(services))
+        else:
+            services.worker = EmbeddedWorker(
+                studio,
+                queue,
+                batching=settings.batching,
+                max_batch=settings.max_jobs_batch,
+                on_images=_file_in_gallery(services),
+            )
+    return services
+
+
+def _file_in_gallery(services: Services):
+    """Each finished job's images go into the gallery, owned by the job's owner (private until published)."""
+
+    def file(job: Job, records: list[dict]) -> None:
+        from spellbook.gallery import file_job_images
+
+        file_job_images(services.db, services.settings, job, records)
+
+    return file
+
+
+class BodyLimit(BaseHTTPMiddleware):
+    """Refuse bodies over the cap from Content-Length, before reading them."""
+
+    def __init__(self, app, max_bytes: int):
+        super().__init__(app)
+        self.max_bytes = max_bytes
+
+    async def dispatch(self, request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > self.max_bytes:
+            error = TooLarge(
+                f"request body is {int(length)} bytes; at most {self.max_bytes} are accepted", field="body"
+            )
+            return JSONResponse(error.to_dict(), status_code=error.http_status)
+        if request.headers.get("transfer-encoding", "").lower() == "chunked":
+            body = b""
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > self.max_bytes:
+                    error = TooLarge(f"request body exceeds {self.max_bytes} bytes", field="body")
+                    return JSONResponse(error.to_dict(), status_code=error.http_status)
+            request._body = body
+        return await call_next(request)
+
+
+def create_app(settings: Settings | None = None, *, services: Services | None = None) -> FastAPI:
+    settings = settings or Settings.from_env()
+    services = services or build_services(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if services.worker:
+            services.worker.start()
+        if services.dispatcher:
+            services.dispatcher.start()
+        yield
+        if services.worker:
+            services.worker.stop()
+        if services.dispatcher:
+            services.dispatcher.stop()
+
+    app = FastAPI(
+        title="Spellbook",
+        version=__version__,
+        description="Self-hosted Stable Diffusion: native API (/api/v1) and an A1111-compatible API (/sdapi/v1).",
+        lifespan=lifespan,
+    )
+    app.state.services = services
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_mb * 1024 * 1024)
+
+    @app.exception_handler(SpellbookError)
+    async def spellbook_error(_request: Request, exc: SpellbookError):
+        return JSONResponse(exc.to_dict(), status_code=exc.http_status)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        path = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
+        message = f"{path}: {first.get('msg')}" if path else str(first.get("msg"))
+        return JSONResponse({"error": {"code": "invalid", "message": message, "field": path}}, status_code=400)
+
+    from spellbook.server import a1111, gallery_routes, native, pages
+
+    app.include_router(native.router)
+    app.include_router(gallery_routes.router)
+    app.include_router(a1111.router)
+    pages.mount(app)
+    return app
+
+
+def principal(request: Request) -> Principal:
+    """FastAPI dependency: the authenticated caller (and the Origin check for writes)."""
+    services: Services = request.app.state.services
+    check_origin(request)
+    if not services.auth:
+        return authenticate(request, services.accounts, required=False) if _has_credentials(request) else LOCAL
+    return authenticate(request, services.accounts, required=True)
+
+
+Caller = Annotated[Principal, Depends(principal)]
+
+
+def _has_credentials(request: Request) -> bool:
+    return bool(request.headers.get("authorization") or request.cookies.get("spellbook_token"))
+
+
+def services_of(request: Request) -> Services:
+    return request.app.state.services

@@ -1,0 +1,97 @@
+"""CLI commands of the server: serve, worker, users, token, credits (thin: parse, call, print)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from spellbook.settings import Settings
+
+users_app = typer.Typer(help="Accounts of the server.", no_args_is_help=True)
+token_app = typer.Typer(help="API tokens (shown once, stored hashed).", no_args_is_help=True)
+credits_app = typer.Typer(help="Credits: grant and inspect.", no_args_is_help=True)
+
+
+def _accounts():
+    from spellbook.store.accounts import Accounts
+    from spellbook.store.db import Database
+
+    return Accounts(Database(Settings.from_env().db_path))
+
+
+def serve(
+    host: Annotated[str | None, typer.Option(help="Address to bind (default 127.0.0.1: this machine only).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default 7860, as A1111).")] = None,
+    broker: Annotated[
+        str | None, typer.Option(help="redis://… : scale-out mode, jobs run on `spellbook worker` processes.")
+    ] = None,
+) -> None:
+    """Serve the API (and the in-process worker unless --broker is given)."""
+    import uvicorn
+
+    from spellbook.server.app import create_app
+
+    settings = Settings.from_env(host=host, port=port, broker=broker)
+    app = create_app(settings)  # refuses to start off loopback without an admin (a SpellbookError: exit 2)
+    typer.echo(
+        f"Spellbook on http://{settings.host}:{settings.port} ({'scale-out' if settings.broker else 'embedded'})"
+    )
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
+
+
+def worker(
+    broker: Annotated[str, typer.Option(help="The broker the server dispatches to, e.g. redis://127.0.0.1:6379/0")],
+    name: Annotated[str | None, typer.Option(help="Worker name (default: host and pid).")] = None,
+) -> None:
+    """Run jobs from the broker; keeps models loaded between jobs."""
+    from spellbook.queue.celery import run_worker
+
+    run_worker(Settings.from_env(broker=broker), name=name)
+
+
+@users_app.command("add")
+def users_add(
+    name: str,
+    admin: Annotated[bool, typer.Option("--admin", help="May grant credits and change server settings.")] = False,
+    password: Annotated[
+        bool, typer.Option("--password", help="Ask for a password (for HTTP Basic / A1111 clients).")
+    ] = False,
+) -> None:
+    secret = typer.prompt("password", hide_input=True, confirmation_prompt=True) if password else None
+    user = _accounts().add_user(name, admin=admin, password=secret)
+    typer.echo(f"user {user.name} ({user.role}) created")
+
+
+@users_app.command("list")
+def users_list() -> None:
+    for user in _accounts().users():
+        typer.echo(f"{user.name}\t{user.role}\t{user.balance} credits")
+
+
+@token_app.command("create")
+def token_create(name: str, label: Annotated[str, typer.Option(help="What the token is for.")] = "") -> None:
+    """Print a new token for USER (it is not stored and cannot be shown again)."""
+    typer.echo(_accounts().create_token(name, label))
+
+
+@credits_app.command("grant")
+def credits_grant(name: str, amount: int, note: Annotated[str, typer.Option(help="Ledger note.")] = "") -> None:
+    user = _accounts().grant(name, amount, note)
+    typer.echo(f"{user.name}: {user.balance} credits")
+
+
+@credits_app.command("show")
+def credits_show(name: str) -> None:
+    accounts = _accounts()
+    typer.echo(f"{name}: {accounts.user(name).balance} credits")
+    for row in accounts.ledger(name):
+        typer.echo(f"{row['created']}\t{row['delta']:+d}\t{row['reason']}\t{row['job_id'] or row['note']}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(serve)
+    app.command()(worker)
+    app.add_typer(users_app, name="users")
+    app.add_typer(token_app, name="token")
+    app.add_typer(credits_app, name="credits")

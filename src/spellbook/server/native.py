@@ -1,0 +1,176 @@
+"""Spellbook's native API, /api/v1: jobs (submit, status, cancel, results, SSE progress), models, me."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Path, Query, Request
+from fastapi.responses import FileResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from spellbook import __version__
+from spellbook.errors import NotFound
+from spellbook.queue.jobs import FINAL, Job
+from spellbook.recipe import SAMPLERS, SCHEDULES
+from spellbook.server.app import Caller, Services, services_of
+from spellbook.server.security import Principal, decode_image
+
+router = APIRouter(prefix="/api/v1", tags=["native"])
+JobId = Annotated[str, Path(min_length=1, max_length=64, description="job id")]
+ImageIndex = Annotated[int, Path(ge=0, le=100_000)]
+
+
+class JobRequest(BaseModel):
+    """A generation job. Unset fields take the model's defaults (spellbook.json of the model)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["txt2img", "img2img", "inpaint"] = "txt2img"
+    prompt: str = Field(max_length=20_000, description="A1111 prompt syntax: (word:1.2), [word], BREAK")
+    negative_prompt: str = Field("", max_length=20_000)
+    model: str | None = Field(None, max_length=200, description="a model name from GET /api/v1/models")
+    vae: str | None = Field(None, max_length=200)
+    sampler: str | None = Field(None, max_length=60, description="an A1111 sampler name, e.g. 'DPM++ 2M Karras'")
+    schedule: str | None = Field(None, max_length=30)
+    steps: int | None = Field(None, ge=1, le=10_000)
+    guidance: float | None = Field(None, ge=0, le=100, description="CFG scale")
+    seed: int | None = Field(None, ge=-1, le=2**32 - 1, description="-1 or unset: random, recorded")
+    batch_size: int | None = Field(None, ge=1, le=1000)
+    width: int | None = Field(None, ge=8, le=16_384)
+    height: int | None = Field(None, ge=8, le=16_384)
+    strength: float | None = Field(None, ge=0, le=1)
+    clip_skip: int | None = Field(None, ge=1, le=12)
+    init_image: str | None = Field(None, description="img2img/inpaint: base64 PNG/JPEG (or a data: URL)")
+    mask: str | None = Field(None, description="inpaint: base64 mask, white = repaint")
+
+
+def submit(services: Services, who: Principal, request: dict[str, Any]) -> Job:
+    """Validate, pay, queue: the one path every API's job takes."""
+    services.limiter.check(who.name)
+    settings = services.settings
+    init_image = request.pop("init_image", None)
+    mask = request.pop("mask", None)
+    init = decode_image(init_image, "init_image", settings.max_pixels) if init_image else None
+    mask_image = decode_image(mask, "mask", settings.max_pixels) if mask else None
+    request = {k: v for k, v in request.items() if v is not None}
+    request.setdefault("model", services.default_model)
+    recipe, _, _ = services.studio.prepare(request, init_image=init, mask=mask_image, allow_paths=False)
+    job = services.queue.submit(recipe, owner=who.id)
+    services.wake()
+    return job
+
+
+def job_view(services: Services, job: Job) -> dict[str, Any]:
+    view = job.public()
+    live = services.live(job.id)
+    if live is not None and job.state == "running":
+        view["step"], view["total_steps"] = live.step, live.total
+    if job.result:
+        view["images"] = [f"/api/v1/jobs/{job.id}/images/{img['index']}" for img in job.result.get("images", [])]
+    return view
+
+
+@router.get("/health", tags=["meta"])
+def health(request: Request) -> dict[str, Any]:
+    services = services_of(request)
+    mode = "scale-out" if services.dispatcher else "embedded"
+    return {"ok": True, "version": __version__, "mode": mode, "auth": services.auth, "jobs": services.queue.counts()}
+
+
+@router.post("/jobs", status_code=202)
+def create_job(body: JobRequest, request: Request, who: Caller) -> dict[str, Any]:
+    """Queue a job; pays its cost in credits now (refunded if it fails or is cancelled)."""
+    services = services_of(request)
+    return job_view(services, submit(services, who, body.model_dump()))
+
+
+@router.get("/jobs")
+def list_jobs(request: Request, who: Caller, limit: int = Query(50, ge=1, le=500)) -> list[dict[str, Any]]:
+    services = services_of(request)
+    jobs = services.queue.list(owner=who.id, all_users=who.user is None, limit=limit)
+    return [job_view(services, job) for job in jobs]
+
+
+@router.get("/jobs/{job_id}")
+def get_job(job_id: JobId, request: Request, who: Caller) -> dict[str, Any]:
+    services = services_of(request)
+    return job_view(services, services.queue.get(job_id, viewer=who.id, admin=who.admin))
+
+
+@router.post("/jobs/{job_id}/cancel")
+def cancel_job(job_id: JobId, request: Request, who: Caller) -> dict[str, Any]:
+    services = services_of(request)
+    return job_view(services, services.queue.cancel(job_id, viewer=who.id, admin=who.admin))
+
+
+@router.get("/jobs/{job_id}/images/{index}", response_class=FileResponse)
+def job_image(job_id: JobId, index: ImageIndex, request: Request, who: Caller):
+    """The PNG (with its recipe and A1111 parameters inside)."""
+    services = services_of(request)
+    job = services.queue.get(job_id, viewer=who.id, admin=who.admin)
+    images = (job.result or {}).get("images", [])
+    if not 0 <= index < len(images):
+        raise NotFound(f"job {job_id} has no image {index}", field="index")
+    return FileResponse(services.settings.home / images[index]["path"], media_type="image/png")
+
+
+@router.get("/jobs/{job_id}/events")
+async def job_events(job_id: JobId, request: Request, who: Caller) -> StreamingResponse:
+    """Server-sent events: `progress` (step, total, preview PNG as a data URL) until `done`/`failed`/`cancelled`."""
+    services = services_of(request)
+    services.queue.get(job_id, viewer=who.id, admin=who.admin)  # 404 for another's job
+
+    async def stream():
+        last_sent = None
+        while True:
+            job = services.queue.get(job_id)
+            live = services.live(job_id)
+            event = {"state": job.state, "progress": round(job.progress, 4)}
+            if live is not None:
+                event.update(step=live.step, total=live.total, progress=live.step / live.total if live.total else 0)
+                if live.preview:
+                    event["preview"] = "data:image/png;base64," + base64.b64encode(live.preview).decode()
+            if job.state in FINAL:
+                yield f"event: {job.state}\ndata: {json.dumps(job_view(services, job))}\n\n"
+                return
+            if event != last_sent:
+                yield f"event: progress\ndata: {json.dumps(event)}\n\n"
+                last_sent = event
+            if await request.is_disconnected():
+                return
+            await asyncio.sleep(0.2)
+
+    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+@router.get("/models")
+def models(request: Request, _who: Caller) -> list[dict[str, Any]]:
+    services = services_of(request)
+    registry = services.studio.cache.registry
+    return [
+        {"name": e.name, "format": e.format, "builtin": e.builtin, "default": e.name == services.default_model}
+        for e in registry.list()
+    ]
+
+
+@router.get("/samplers")
+def samplers(_who: Caller) -> dict[str, Any]:
+    return {"samplers": list(SAMPLERS), "schedules": list(SCHEDULES)}
+
+
+@router.get("/me")
+def me(request: Request, who: Caller) -> dict[str, Any]:
+    services = services_of(request)
+    if who.user is None:
+        return {"user": None, "role": "admin", "balance": None, "ledger": [], "auth": services.auth}
+    user = services.accounts.user(who.user.id)
+    return {
+        "user": user.name,
+        "role": user.role,
+        "balance": user.balance,
+        "ledger": services.accounts.ledger(user.name),
+        "auth": services.auth,
+    }

@@ -1,0 +1,154 @@
+"""Who is calling, and what a request may carry: tokens, passwords, Origin checks, caps, rate limits."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import ipaddress
+import threading
+import time
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from fastapi import Request
+from PIL import Image
+
+from spellbook.errors import Forbidden, RateLimited, TooLarge, Unauthorized, UserError
+from spellbook.store.accounts import Accounts, User
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def auth_required(mode: str, host: str) -> bool:
+    """Auth is on when asked for, and always off loopback; `off` on a public bind is refused at start."""
+    if mode == "on":
+        return True
+    if mode == "off":
+        if not is_loopback(host):
+            raise UserError(
+                f"auth cannot be off when binding {host}: anyone on the network could use the server; "
+                "bind 127.0.0.1 or leave SPELLBOOK_AUTH=auto",
+                field="auth",
+            )
+        return False
+    if mode != "auto":
+        raise UserError(f"auth {mode!r} is not one of auto, on, off", field="auth")
+    return not is_loopback(host)
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The caller: a user, or the local user (auth off) who owns nothing and pays nothing."""
+
+    user: User | None
+
+    @property
+    def id(self) -> int | None:
+        return self.user.id if self.user else None
+
+    @property
+    def admin(self) -> bool:
+        return self.user is None or self.user.is_admin
+
+    @property
+    def name(self) -> str:
+        return self.user.name if self.user else "local"
+
+
+LOCAL = Principal(None)
+
+
+def authenticate(request: Request, accounts: Accounts, required: bool) -> Principal:
+    header = request.headers.get("authorization", "")
+    token = request.cookies.get("spellbook_token", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "bearer" and value:
+        token = value.strip()
+    if token:
+        user = accounts.user_for_token(token)
+        if user is None:
+            raise Unauthorized(
+                "the token is not valid (revoked, or mistyped); create one with `spellbook token create`"
+            )
+        return Principal(user)
+    if scheme.lower() == "basic" and value:
+        try:
+            name, _, password = base64.b64decode(value).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            raise Unauthorized("malformed Basic authorization header") from None
+        user = accounts.check_password(name, password)
+        if user is None:
+            raise Unauthorized("wrong user name or password")
+        return Principal(user)
+    if required:
+        raise Unauthorized(
+            "this server requires a token: send 'Authorization: Bearer TOKEN' (create one with "
+            "`spellbook token create USER`)"
+        )
+    return LOCAL
+
+
+def check_origin(request: Request) -> None:
+    """A browser POST from another site (CSRF) is refused: its Origin must be this server."""
+    origin = request.headers.get("origin")
+    if not origin or request.method in ("GET", "HEAD", "OPTIONS"):
+        return
+    if origin == "null" or urlsplit(origin).netloc != request.headers.get("host", ""):
+        raise Forbidden(f"requests from origin {origin} are not accepted; use the server's own pages or an API client")
+
+
+class RateLimiter:
+    """A token bucket per user: `per_minute` submissions, refilled continuously."""
+
+    def __init__(self, per_minute: int):
+        self.rate = per_minute / 60.0
+        self.capacity = float(max(1, per_minute))
+        self.buckets: dict[str, tuple[float, float]] = {}
+        self.lock = threading.Lock()
+
+    def check(self, key: str) -> None:
+        if self.rate <= 0:
+            return
+        now = time.monotonic()
+        with self.lock:
+            tokens, last = self.buckets.get(key, (self.capacity, now))
+            tokens = min(self.capacity, tokens + (now - last) * self.rate)
+            if tokens < 1:
+                self.buckets[key] = (tokens, now)
+                raise RateLimited(f"too many jobs: at most {int(self.capacity)} per minute; try again shortly")
+            self.buckets[key] = (tokens - 1, now)
+
+
+def decode_image(data: str, field: str, max_pixels: int) -> Image.Image:
+    """A base64 image (optionally a data: URL), size-checked from its header before any pixel is decoded."""
+    if not isinstance(data, str) or not data:
+        raise UserError("expected a base64-encoded PNG or JPEG", field=field)
+    if data.startswith("data:"):
+        data = data.partition(",")[2]
+    try:
+        raw = base64.b64decode(data, validate=False)
+    except (binascii.Error, ValueError):
+        raise UserError("is not valid base64", field=field) from None
+    try:
+        image = Image.open(io.BytesIO(raw))  # reads the header only: the size is known before any decoding
+    except Image.DecompressionBombError as exc:
+        raise TooLarge(
+            f"image is far too large ({exc}); at most {max_pixels} pixels are allowed", field=field
+        ) from None
+    except (OSError, ValueError, SyntaxError):  # PIL's ways of saying 'not an image I can read'
+        raise UserError("is not an image (PNG, JPEG or WebP expected)", field=field) from None
+    if image.width * image.height > max_pixels:
+        raise TooLarge(f"image is {image.width}x{image.height}, more than the {max_pixels} pixels allowed", field=field)
+    try:
+        image.load()
+    except (OSError, ValueError, SyntaxError, EOFError):
+        raise UserError("the image data is truncated or corrupt", field=field) from None
+    return image

@@ -1,0 +1,166 @@
+"""Nothing is lost: kill -9 of workers (scale-out over Redis) and of the embedded server; restarts."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from spellbook.settings import Settings
+
+REDIS = shutil.which("redis-server")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def spellbook(*args: str, env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "spellbook.cli", *args],
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+@pytest.fixture
+def redis_url(tmp_path):
+    if REDIS is None:
+        pytest.skip("redis-server is not installed (make test installs it)")
+    port = free_port()
+    process = subprocess.Popen(
+        [REDIS, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    import redis
+
+    client = redis.Redis.from_url(url)
+    wait_for(lambda: _pings(client), 10, "redis")
+    yield url
+    process.terminate()
+    process.wait(10)
+
+
+def _pings(client) -> bool:
+    import redis
+
+    try:
+        return client.ping()
+    except redis.ConnectionError:
+        return False
+
+
+def test_scale_out_survives_a_killed_worker(redis_url, home, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from spellbook.server.app import build_services, create_app
+
+    env = {"SPELLBOOK_VISIBILITY_TIMEOUT": "6", "SPELLBOOK_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    settings = Settings.from_env(broker=redis_url, visibility_timeout=6, lease_seconds=120)
+    # Jobs submitted while no dispatcher runs (a server restarted with a full queue) run once it is back.
+    queued_only = build_services(settings, start_worker=False)
+    early = [queued_only.queue.submit(_recipe(queued_only, i), owner=None).id for i in range(5)]
+    workers = [
+        spellbook(
+            "worker", "--broker", redis_url, "--name", f"w{i}", env={**env, "SPELLBOOK_HOME": str(tmp_path / f"w{i}")}
+        )
+        for i in range(2)
+    ]
+    try:
+        services = build_services(settings)
+        with TestClient(create_app(settings, services=services)) as client:
+            ids = early + [
+                client.post("/api/v1/jobs", json={"prompt": f"a red circle {i}", "seed": i, "steps": 12}).json()["id"]
+                for i in range(45)
+            ]
+            # Kill one worker while it is running jobs (after the first results are in).
+            wait_for(lambda: services.queue.counts()["done"] >= 3, 180, "first results")
+            workers[0].send_signal(signal.SIGKILL)
+            workers[0].wait(10)
+            wait_for(lambda: services.queue.counts()["done"] == 50, 300, "all 50 jobs done")
+            jobs = [services.queue.get(job_id) for job_id in ids]
+            assert all(job.state == "done" for job in jobs)
+            for job in jobs:
+                images = job.result["images"]
+                assert len(images) == 1 and (home / images[0]["path"]).is_file()
+            # Exactly once: one result per job and one image file per job.
+            files = list((home / "images").rglob("*.png"))
+            assert len(files) == 50
+    finally:
+        for worker in workers:
+            worker.kill()
+            worker.wait(10)
+
+
+def _recipe(services, i):
+    recipe, _, _ = services.studio.prepare({"prompt": f"a blue square {i}", "seed": 100 + i, "steps": 12})
+    return recipe
+
+
+def test_embedded_server_killed_mid_job_runs_it_again_once(home, tmp_path):
+    port = free_port()
+    env = {"SPELLBOOK_HOME": str(home), "SPELLBOOK_THREADS": "1"}
+    base = f"http://127.0.0.1:{port}"
+    server = spellbook("serve", "--port", str(port), env=env)
+    try:
+        wait_for(lambda: _up(base), 120, "server start")
+        body = {"prompt": "a green triangle", "seed": 5, "steps": 60, "width": 64, "height": 64, "batch_size": 2}
+        job_id = httpx.post(f"{base}/api/v1/jobs", json=body).json()["id"]
+        wait_for(lambda: httpx.get(f"{base}/api/v1/jobs/{job_id}").json()["state"] == "running", 60, "job running")
+        server.send_signal(signal.SIGKILL)
+        server.wait(10)
+        server = spellbook("serve", "--port", str(port), env=env)
+        wait_for(lambda: _up(base), 120, "server restart")
+        job = wait_for(lambda: _final(base, job_id), 300, "job done after restart")
+        assert job["state"] == "done" and job["attempts"] == 2
+        assert len(list((home / "images").rglob(f"{job_id}-*.png"))) == 2
+    finally:
+        server.kill()
+        server.wait(10)
+
+
+def _up(base: str) -> bool:
+    try:
+        return httpx.get(f"{base}/api/v1/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _final(base: str, job_id: str):
+    job = httpx.get(f"{base}/api/v1/jobs/{job_id}").json()
+    return job if job["state"] in ("done", "failed", "cancelled") else None
+
+
+def test_worker_and_serve_refuse_a_public_bind_without_admin(home):
+    result = subprocess.run(
+        [sys.executable, "-m", "spellbook.cli", "serve", "--host", "0.0.0.0", "--port", str(free_port())],
+        env={**os.environ, "SPELLBOOK_HOME": str(home)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 2 and "no admin user" in result.stderr and "Traceback" not in result.stderr
+    assert Path(home / "spellbook.db").exists()

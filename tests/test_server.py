@@ -1,0 +1,302 @@
+"""The HTTP API against the embedded worker: native jobs, SSE, errors, auth, caps, credits, A1111 clients."""
+
+from __future__ import annotations
+
+import base64
+import io
+import struct
+import threading
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from spellbook.errors import UserError
+from spellbook.provenance import read_metadata
+from spellbook.server.app import build_services, create_app
+from spellbook.settings import Settings
+
+
+def wait_done(client, job_id, headers=None, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/api/v1/jobs/{job_id}", headers=headers).json()
+        if job["state"] in ("done", "failed", "cancelled"):
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not finish: {job}")
+
+
+def png_b64(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.fixture
+def make_client(home, studio):
+    """A TestClient over a fresh app on the test home (the tiny model registered as `tiny`)."""
+    clients = []
+
+    def make(start_worker=True, **settings):
+        s = Settings.from_env(**settings)
+        services = build_services(s, start_worker=start_worker)
+        services.default_model = "tiny"
+        client = TestClient(create_app(s, services=services))
+        client.__enter__()
+        clients.append(client)
+        return client, services
+
+    yield make
+    for client in clients:
+        client.__exit__(None, None, None)
+
+
+def test_a_job_runs_and_its_png_carries_the_recipe(make_client, home):
+    client, _ = make_client()
+    response = client.post("/api/v1/jobs", json={"prompt": "a red circle", "seed": 11, "batch_size": 2, "steps": 3})
+    assert response.status_code == 202, response.text
+    job = wait_done(client, response.json()["id"])
+    assert job["state"] == "done" and len(job["images"]) == 2
+    png = client.get(job["images"][1])
+    assert png.headers["content-type"] == "image/png"
+    path = home / job["result"]["images"][1]["path"]
+    assert path.read_bytes() == png.content
+    recipe = read_metadata(path).recipe
+    assert (recipe.prompt, recipe.seed, recipe.batch_index, recipe.steps) == ("a red circle", 11, 1, 3)
+
+
+def test_sse_streams_progress_then_done(make_client):
+    client, _ = make_client()
+    job = client.post("/api/v1/jobs", json={"prompt": "a blue square", "seed": 1, "steps": 8}).json()
+    events = []
+    with client.stream("GET", f"/api/v1/jobs/{job['id']}/events") as stream:
+        for line in stream.iter_lines():
+            if line.startswith("event: "):
+                events.append(line.removeprefix("event: "))
+    assert events[-1] == "done"
+    assert set(events[:-1]) <= {"progress"}
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"prompt": "x", "sampler": "Eular a"}, "sampler"),
+        ({"prompt": "x", "steps": "many"}, "steps"),
+        ({"prompt": "x", "colour": "red"}, "colour"),
+        ({"prompt": "x", "model": "../../etc/passwd"}, "model"),
+        ({"prompt": "x", "width": 500, "height": 512}, "size"),
+        ({"prompt": "x", "kind": "img2img"}, "init_image"),
+        ({"prompt": "x", "kind": "img2img", "init_image": "bm90IGFuIGltYWdl"}, "init_image"),
+        ({}, "prompt"),
+    ],
+)
+def test_bad_requests_are_400_with_a_field(make_client, body, field):
+    client, _ = make_client(start_worker=False)
+    response = client.post("/api/v1/jobs", json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["field"] == field and error["message"] and error["code"] in ("invalid", "refused")
+
+
+def huge_png_header(width: int, height: int) -> bytes:
+    """A PNG that claims to be width x height: decoding it would take gigabytes."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def test_caps_refuse_before_decoding(make_client):
+    client, _ = make_client(start_worker=False, max_body_mb=1)
+    big = client.post(
+        "/api/v1/jobs", content=b"{" + b" " * (2 * 1024 * 1024) + b"}", headers={"content-type": "application/json"}
+    )
+    assert big.status_code == 413 and big.json()["error"]["field"] == "body"
+    for width, height, shown in ((60_000, 60_000, "3600000000 pixels"), (5000, 5000, "5000x5000")):
+        bomb = base64.b64encode(huge_png_header(width, height)).decode()
+        response = client.post("/api/v1/jobs", json={"prompt": "x", "kind": "img2img", "init_image": bomb})
+        assert response.status_code == 413 and shown in response.json()["error"]["message"]
+
+
+def test_foreign_origin_post_is_refused(make_client):
+    client, _ = make_client(start_worker=False)
+    response = client.post("/api/v1/jobs", json={"prompt": "x"}, headers={"origin": "https://evil.example"})
+    assert response.status_code == 403
+    same = client.post("/api/v1/jobs", json={"prompt": "x"}, headers={"origin": "http://testserver"})
+    assert same.status_code == 202
+
+
+def test_public_bind_needs_an_admin_and_tokens(make_client, home):
+    with pytest.raises(UserError, match="no admin user"):
+        build_services(Settings.from_env(host="0.0.0.0"), start_worker=False)
+    from spellbook.store.accounts import Accounts
+    from spellbook.store.db import Database
+
+    accounts = Accounts(Database(Settings.from_env().db_path))
+    accounts.add_user("root", admin=True)
+    accounts.add_user("alice")
+    accounts.add_user("bob")
+    for name in ("alice", "bob"):
+        accounts.grant(name, 50)
+    alice = {"authorization": f"Bearer {accounts.create_token('alice')}"}
+    bob = {"authorization": f"Bearer {accounts.create_token('bob')}"}
+    client, _ = make_client(host="0.0.0.0")
+    assert client.get("/api/v1/jobs").status_code == 401
+    assert client.get("/api/v1/jobs", headers={"authorization": "Bearer sb_wrong"}).status_code == 401
+    job = client.post("/api/v1/jobs", json={"prompt": "x", "steps": 2}, headers=alice).json()
+    done = wait_done(client, job["id"], headers=alice)
+    assert done["state"] == "done"
+    # Bob can neither see Alice's job nor its image, nor cancel it: as if it did not exist.
+    assert client.get(f"/api/v1/jobs/{job['id']}", headers=bob).status_code == 404
+    assert client.get(f"/api/v1/jobs/{job['id']}/images/0", headers=bob).status_code == 404
+    assert client.post(f"/api/v1/jobs/{job['id']}/cancel", headers=bob).status_code == 404
+    assert [j["id"] for j in client.get("/api/v1/jobs", headers=bob).json()] == []
+    me = client.get("/api/v1/me", headers=alice).json()
+    assert me["balance"] == 50 - job["cost"] and me["ledger"][0]["reason"] == "debit"
+
+
+def test_credits_never_overdraw_under_concurrent_submits(make_client, home):
+    from spellbook.store.accounts import Accounts
+    from spellbook.store.db import Database
+
+    accounts = Accounts(Database(Settings.from_env().db_path))
+    accounts.add_user("carol")
+    accounts.grant("carol", 100)
+    headers = {"authorization": f"Bearer {accounts.create_token('carol')}"}
+    client, services = make_client(start_worker=False, auth="on", rate_limit=0)
+    body = {"prompt": "x", "steps": 4, "width": 16, "height": 16}  # cost 1 each
+    with ThreadPoolExecutor(16) as pool:
+        codes = list(
+            pool.map(lambda _: client.post("/api/v1/jobs", json=body, headers=headers).status_code, range(200))
+        )
+    assert codes.count(202) == 100 and codes.count(402) == 100
+    assert accounts.user("carol").balance == 0
+    # A failed job and a cancelled one are refunded, once each.
+    jobs = services.queue.list(owner=accounts.user("carol").id, limit=500)
+    leased = services.queue.lease("test-worker", max_batch=1)
+    services.queue.fail(leased[0].id, {"code": "boom", "message": "test failure"})
+    services.queue.fail(leased[0].id, {"code": "boom", "message": "again"})
+    queued = next(j for j in jobs if j.id != leased[0].id)
+    assert client.post(f"/api/v1/jobs/{queued.id}/cancel", headers=headers).json()["state"] == "cancelled"
+    assert client.post(f"/api/v1/jobs/{queued.id}/cancel", headers=headers).status_code == 409
+    assert accounts.user("carol").balance == 2
+    ledger = accounts.ledger("carol", limit=500)
+    assert sum(row["delta"] for row in ledger) == 2 and [r["reason"] for r in ledger[:2]] == ["refund", "refund"]
+
+
+def test_queue_is_fair_and_batches_compatible_jobs(make_client):
+    from spellbook.store.accounts import Accounts
+
+    _, services = make_client(start_worker=False)
+    accounts = Accounts(services.db)
+    heavy, light = accounts.add_user("heavy"), accounts.add_user("light")
+    accounts.grant("heavy", 1000)
+    accounts.grant("light", 1000)
+    recipe, _, _ = services.studio.prepare({"prompt": "x", "model": "tiny", "steps": 2})
+    for _ in range(10):
+        services.queue.submit(recipe, owner=heavy.id)
+    services.queue.submit(recipe.with_(prompt="y"), owner=light.id)
+    group = services.queue.lease("w", max_batch=4)
+    owners = [job.owner for job in group]
+    assert len(group) == 4 and light.id in owners  # the lone light job rides in the first batch
+    other = services.queue.submit(recipe.with_(steps=3), owner=light.id)
+    second = services.queue.lease("w", max_batch=8)
+    # Light has fewer jobs running than heavy, so its job leads; nothing incompatible rides with it.
+    assert [job.id for job in second] == [other.id]
+    third = services.queue.lease("w", max_batch=8)
+    assert len(third) == 7 and {job.owner for job in third} == {heavy.id}
+
+
+def test_a_batched_group_matches_separate_runs(make_client, home):
+    from spellbook.engine.pipeline import generate, generate_batch
+    from spellbook.recipe import make_recipe
+
+    _, services = make_client(start_worker=False)
+    components = services.studio.components_for("tiny")
+    defaults = components.recipe_defaults()
+    recipes = [
+        make_recipe({"prompt": p, "seed": s, "batch_size": b}, defaults)
+        for p, s, b in (("a red circle", 1, 2), ("a very long prompt " * 30, 7, 1), ("a blue square", 9, 1))
+    ]
+    together = generate_batch(components, recipes)
+    for recipe, images in zip(recipes, together):
+        alone = generate(components, recipe)
+        assert images.shape == alone.shape
+        assert abs(images - alone).max() < 1e-4
+
+
+def test_webuiapi_client_works_unchanged(home, studio, tmp_path):
+    import socket
+
+    import uvicorn
+    import webuiapi
+
+    settings = Settings.from_env()
+    services = build_services(settings)
+    services.default_model = "tiny"
+    app = create_app(settings, services=services)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.05)
+        api = webuiapi.WebUIApi(host="127.0.0.1", port=port, sampler="Euler a", steps=3)
+        result = api.txt2img(prompt="a red circle", seed=42, width=16, height=16, batch_size=2)
+        assert len(result.images) == 2 and result.info["all_seeds"] == [42, 43]
+        assert "Seed: 43" in result.info["infotexts"][1]
+        info = api.png_info(result.images[0])
+        assert info.info.startswith("a red circle") and info.parameters["Seed"] == "42"
+        result = api.img2img(
+            images=[result.images[0]], prompt="a blue square", seed=3, denoising_strength=0.5, width=16, height=16
+        )
+        assert len(result.images) == 1 and result.info["denoising_strength"] == 0.5
+        models = api.get_sd_models()
+        assert {m["model_name"] for m in models} >= {"tiny", "shapes"}
+        api.util_set_model("tiny")
+        assert api.get_options()["sd_model_checkpoint"].startswith("tiny [")
+        assert {s["name"] for s in api.get_samplers()} >= {"Euler a", "DPM++ 2M"}
+        assert "progress" in api.get_progress()
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def test_finished_jobs_are_searchable_and_private_until_published(make_client, home):
+    from spellbook.store.accounts import Accounts
+    from spellbook.store.db import Database
+
+    accounts = Accounts(Database(Settings.from_env().db_path))
+    for name in ("dora", "eve"):
+        accounts.add_user(name)
+        accounts.grant(name, 20)
+    dora = {"authorization": f"Bearer {accounts.create_token('dora')}"}
+    eve = {"authorization": f"Bearer {accounts.create_token('eve')}"}
+    client, _ = make_client(auth="on")
+    job = client.post("/api/v1/jobs", json={"prompt": "a lemon yellow square", "steps": 2}, headers=dora).json()
+    image_id = wait_done(client, job["id"], headers=dora)["result"]["images"][0]["image_id"]
+    found = client.get("/api/v1/gallery/search", params={"q": "yellow square (hat:1.2)", "mode": "words"}, headers=dora)
+    assert [image["id"] for image in found.json()["images"]] == [image_id]
+    assert found.json()["images"][0]["src"] == f"/api/v1/gallery/images/{image_id}/file"
+    assert client.get("/api/v1/gallery/search", params={"q": "yellow", "mode": "words"}, headers=eve).json() == {
+        "images": []
+    }
+    assert client.get(f"/api/v1/gallery/images/{image_id}/file", headers=eve).status_code == 404
+    assert client.get("/api/v1/gallery/feed", headers=eve).json() == {"images": []}
+    published = client.post(
+        f"/api/v1/gallery/images/{image_id}/visibility", json={"visibility": "public"}, headers=dora
+    )
+    assert published.json()["visibility"] == "public"
+    assert [i["id"] for i in client.get("/api/v1/gallery/feed", headers=eve).json()["images"]] == [image_id]
+    assert client.get(f"/api/v1/gallery/images/{image_id}/file", headers=eve).status_code == 200
+    remix = client.post(f"/api/v1/gallery/images/{image_id}/remix", headers=eve).json()
+    assert remix["request"]["prompt"] == "a lemon yellow square"
