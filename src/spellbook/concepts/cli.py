@@ -48,7 +48,9 @@ def train(
     template: Annotated[
         list[str] | None, typer.Option("--template", help="Caption template with {} for the concept (repeatable).")
     ] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted training of NAME.")] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the interrupted training of NAME, with its own settings.")
+    ] = False,
     model: Annotated[str | None, typer.Option("--model", help="Model to train for (default: shapes).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a concept of the same name.")] = False,
 ) -> None:
@@ -125,11 +127,16 @@ def list_(as_json: Json = False) -> None:
         typer.echo("no concepts yet: `spellbook concept train NAME --images DIR` or `spellbook concept import FILE`")
     for i in infos:
         shape = f"{i.vectors}x{i.dims}" if i.vectors else "?"
-        typer.echo(f"<{i.name}>\t{shape}\t{i.trained_for or '-'}\t{i.short_hash}\t{i.size} B" + (f"\t{i.note}" if i.note else ""))
+        typer.echo(
+            f"<{i.name}>\t{shape}\t{i.trained_for or '-'}\t{i.short_hash}\t{i.size} B"
+            + (f"\t{i.note}" if i.note else "")
+        )
 
 
 @concept_app.command("info")
-def info(name: Annotated[str, typer.Argument(help="Concept name (with or without <>).")], as_json: Json = False) -> None:
+def info(
+    name: Annotated[str, typer.Argument(help="Concept name (with or without <>).")], as_json: Json = False
+) -> None:
     """Name, vectors, dims, trained-for model, hash, size, sample image."""
     data = _library().info(name).to_dict()
     if as_json:
@@ -143,8 +150,12 @@ def info(name: Annotated[str, typer.Argument(help="Concept name (with or without
 @concept_app.command("export")
 def export(
     name: Annotated[str, typer.Argument(help="Concept name.")],
-    out: Annotated[Path, typer.Argument(help="File to write (.safetensors), or a folder (learned_embeds.safetensors).")],
-    fmt: Annotated[str, typer.Option("--format", help="a1111 ({'emb_params': …}) or diffusers ({'<name>': …}).")] = "a1111",
+    out: Annotated[
+        Path, typer.Argument(help="File to write (.safetensors), or a folder (learned_embeds.safetensors).")
+    ],
+    fmt: Annotated[
+        str, typer.Option("--format", help="a1111 ({'emb_params': …}) or diffusers ({'<name>': …}).")
+    ] = "a1111",
 ) -> None:
     """Write a concept for A1111 or diffusers."""
     from spellbook.concepts.formats import FORMATS

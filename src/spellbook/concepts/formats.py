@@ -232,14 +232,3 @@ def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
     return len(text).to_bytes(8, "little") + text + b"".join(blobs)
-
-
-def describe_metadata(metadata: dict[str, str]) -> dict[str, Any]:
-    """Metadata values as written, with JSON values decoded (lists of numbers, say)."""
-    out: dict[str, Any] = {}
-    for key, value in metadata.items():
-        try:
-            out[key] = json.loads(value) if value[:1] in "[{" else value
-        except ValueError:
-            out[key] = value
-    return out

@@ -200,7 +200,7 @@ class ConceptLibrary:
     def add(self, concept: Concept, *, overwrite: bool = False, sample: Any = None) -> Path:
         """Write a concept (ours: diffusers layout, safetensors) as `<name>.safetensors`; `sample` a PIL image."""
         name = check_concept_name(concept.name)
-        self._check_free(name, overwrite)
+        self.check_free(name, overwrite)
         path = write_concept(concept, self.folder / f"{name}.safetensors", DIFFUSERS)
         if sample is not None:
             sample.save(path.with_suffix(SAMPLE_SUFFIX))
@@ -214,7 +214,7 @@ class ConceptLibrary:
             raise UserError(f"{source} does not exist or is not a file", field="file")
         concept = read_concept(source, allow_pickle=self.settings.allow_pickle)  # checks the content first
         name = check_concept_name(name or default_name(source, {concept.token: None}))
-        self._check_free(name, overwrite)
+        self.check_free(name, overwrite)
         self.folder.mkdir(parents=True, exist_ok=True)
         target = self.folder / f"{name}.safetensors"
         if source.suffix.lower() in PICKLE_SUFFIXES:
@@ -240,7 +240,7 @@ class ConceptLibrary:
         concept, _ = self.load(name)
         return write_concept(concept, out, fmt)
 
-    def _check_free(self, name: str, overwrite: bool) -> None:
+    def check_free(self, name: str, overwrite: bool) -> None:
         taken = {n.lower(): n for n in self.files()}
         if name.lower() in taken and not (overwrite and taken[name.lower()] == name):
             raise Conflict(

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -31,6 +32,10 @@ from spellbook.concepts.formats import Concept
 from spellbook.engine.prompts import ConceptTokens, tokenize, with_token_rows
 from spellbook.errors import UserError
 from spellbook.models.components import Components
+
+if TYPE_CHECKING:
+    from spellbook.concepts.library import ConceptInfo, ConceptLibrary
+    from spellbook.studio import Studio
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CHECKPOINT = "checkpoint.safetensors"
@@ -121,7 +126,7 @@ def load_images(folder: Path, size: int, trigger: str) -> list[TrainingImage]:
     `photo.png` may come with `photo.txt`: one caption per line, picked at random each time; `{}` or the
     concept's trigger (`<name>` / `name`) marks where the concept goes.
     """
-    from spellbook.provenance import image_sha256
+    from spellbook.provenance import image_sha256, open_image
 
     folder = Path(folder).expanduser()
     if not folder.is_dir():
@@ -131,8 +136,6 @@ def load_images(folder: Path, size: int, trigger: str) -> list[TrainingImage]:
         raise UserError(f"{folder} holds no pictures ({', '.join(IMAGE_SUFFIXES)})", field="images")
     images = []
     for path in paths:
-        from spellbook.provenance import open_image
-
         image = open_image(path, "images").convert("RGB")
         side = min(image.size)
         left, top = (image.width - side) // 2, (image.height - side) // 2
@@ -224,7 +227,8 @@ class ConceptTrainer:
         from safetensors import safe_open
 
         with safe_open(str(self.checkpoint_path), framework="pt") as handle:
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+            names = handle.keys()  # a safetensors handle is not iterable itself
+            tensors = {key: handle.get_tensor(key) for key in names}
             state = json.loads(handle.metadata()["state"])
         hashes = tuple(image.sha256 for image in self.images)
         if self.config.image_hashes and hashes != self.config.image_hashes:
@@ -284,7 +288,9 @@ class ConceptTrainer:
         timesteps = torch.randint(0, steps, (len(captions),), generator=generator)
         if self.config.high_t_share:
             high = torch.randint(steps // 2, steps, (len(captions),), generator=generator)
-            timesteps = torch.where(torch.rand(len(captions), generator=generator) < self.config.high_t_share, high, timesteps)
+            timesteps = torch.where(
+                torch.rand(len(captions), generator=generator) < self.config.high_t_share, high, timesteps
+            )
         timesteps = timesteps.to(device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         if self.noise_scheduler.config.prediction_type == "v_prediction":
@@ -382,17 +388,19 @@ class TrainRequest:
 
 @dataclass(frozen=True)
 class TrainResult:
-    info: object  # library.ConceptInfo
+    info: ConceptInfo
     steps: int
     minutes: float
     final_loss: float
 
 
-def training_dir(library, name: str) -> Path:
+def training_dir(library: ConceptLibrary, name: str) -> Path:
     return library.folder / ".training" / name
 
 
-def train_concept(studio, request: TrainRequest, progress: Progress | None = None, stop_after: int | None = None):
+def train_concept(
+    studio: Studio, request: TrainRequest, progress: Progress | None = None, stop_after: int | None = None
+) -> TrainResult | None:
     """Train a concept into the studio's library. Returns a TrainResult, or None when stopped early
     (`stop_after` steps) with its checkpoint kept; Ctrl-C keeps the checkpoint too and re-raises."""
     import shutil
@@ -402,7 +410,7 @@ def train_concept(studio, request: TrainRequest, progress: Progress | None = Non
     library = studio.concepts
     # 1. Check everything that can be checked before minutes of training.
     name = check_concept_name(request.name)
-    library._check_free(name, request.overwrite)
+    library.check_free(name, request.overwrite)
     work_dir = training_dir(library, name)
     has_checkpoint = (work_dir / CHECKPOINT).is_file()
     if has_checkpoint and not request.resume:
@@ -412,7 +420,9 @@ def train_concept(studio, request: TrainRequest, progress: Progress | None = Non
             field="resume",
         )
     if request.resume and not has_checkpoint:
-        raise UserError(f"there is no interrupted training of <{name}> to resume (looked in {work_dir})", field="resume")
+        raise UserError(
+            f"there is no interrupted training of <{name}> to resume (looked in {work_dir})", field="resume"
+        )
     # 2. The settings: the interrupted run's own on --resume, else the request's over the defaults.
     if request.resume:
         config = ConceptTrainer.read_config(work_dir)
@@ -462,12 +472,10 @@ def train_concept(studio, request: TrainRequest, progress: Progress | None = Non
     return TrainResult(library.info(name), trainer.state.step, trainer.state.seconds / 60, final_loss)
 
 
-def image_grid(images: list[Image.Image], columns: int, scale: int = 1) -> Image.Image:
+def image_grid(images: list[Image.Image], columns: int) -> Image.Image:
     width, height = images[0].size
     rows = (len(images) + columns - 1) // columns
     grid = Image.new("RGB", (columns * width, rows * height), (255, 255, 255))
     for i, image in enumerate(images):
         grid.paste(image, ((i % columns) * width, (i // columns) * height))
-    if scale != 1:
-        grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
     return grid

@@ -17,7 +17,6 @@ import base64
 import logging
 import os
 import socket
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from spellbook.queue.jobs import Job, JobQueue
+from spellbook.queue.worker import BackgroundLoop
 from spellbook.settings import Settings
 
 log = logging.getLogger("spellbook.dispatcher")
@@ -154,8 +154,10 @@ def save_pngs(home: Path, job_id: str, pngs: list[str]) -> list[dict[str, Any]]:
     return records
 
 
-class Dispatcher:
+class Dispatcher(BackgroundLoop):
     """In the server: leases job groups from the store and sends each to Celery; records results once."""
+
+    thread_name = "spellbook-dispatcher"
 
     def __init__(
         self,
@@ -171,24 +173,11 @@ class Dispatcher:
         self.max_in_flight = max_in_flight
         self.celery = make_celery(settings)
         self.in_flight: dict[str, list[str]] = {}  # task id -> job ids
-        self.wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        super().__init__()
 
     @staticmethod
     def lease_owner(task_id: str) -> str:
         return f"celery:{task_id}"
-
-    def start(self) -> None:
-        self.recover()
-        self._thread = threading.Thread(target=self._loop, name="spellbook-dispatcher", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 10) -> None:
-        self._stop.set()
-        self.wake.set()
-        if self._thread:
-            self._thread.join(timeout)
 
     def recover(self) -> None:
         """After a restart: tasks sent before it are still tracked (their results are still coming)."""

@@ -148,8 +148,38 @@ def encode_png(image: Image.Image) -> str:
     return base64.b64encode(png_bytes(image, image.info["spellbook_recipe"])).decode()
 
 
-class EmbeddedWorker:
+class BackgroundLoop:
+    """A daemon thread running `_loop` after `recover()`; `wake` cuts its idle wait short, `stop` ends it."""
+
+    thread_name = "spellbook-loop"
+
+    def __init__(self) -> None:
+        self.wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def recover(self) -> object:
+        return None
+
+    def _loop(self) -> None:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        self.recover()
+        self._thread = threading.Thread(target=self._loop, name=self.thread_name, daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10) -> None:
+        self._stop.set()
+        self.wake.set()
+        if self._thread:
+            self._thread.join(timeout)
+
+
+class EmbeddedWorker(BackgroundLoop):
     """A thread in the server process that leases jobs from the store and runs them."""
+
+    thread_name = "spellbook-worker"
 
     def __init__(
         self,
@@ -168,20 +198,7 @@ class EmbeddedWorker:
         self.on_images = on_images
         self.id = f"embedded:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.live: dict[str, JobProgress] = {}
-        self.wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self.recover()
-        self._thread = threading.Thread(target=self._loop, name="spellbook-worker", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 10) -> None:
-        self._stop.set()
-        self.wake.set()
-        if self._thread:
-            self._thread.join(timeout)
+        super().__init__()
 
     def recover(self) -> int:
         """Jobs an earlier embedded worker was running when its process died go back to the queue now."""
