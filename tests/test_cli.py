@@ -10,25 +10,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from spellbook.cli import main
+from clirun import run_cli
 from spellbook.infotext import parse_infotext, read_png_text
-
-
-def run(args, capsys, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["spellbook", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture
 def cli(capsys, monkeypatch, home, tiny_model_dir):
     def call(*args):
-        return run(args, capsys, monkeypatch)
+        return run_cli(args, capsys, monkeypatch)
 
     code, _, err = call("models", "add", tiny_model_dir, "--name", "tiny")
     assert code == 0, err

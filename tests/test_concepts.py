@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from clirun import run_cli
 from spellbook.concepts.formats import A1111, DIFFUSERS, Concept, read_concept, write_concept
 from spellbook.concepts.library import ConceptLibrary
 from spellbook.concepts.train import CHECKPOINT, TrainRequest, train_concept, training_dir
@@ -394,19 +394,6 @@ def test_caption_files_name_the_concept(studio, library, pictures):
 
 
 # --- CLI ---------------------------------------------------------------------------------------------------------
-
-
-def run_cli(args, capsys, monkeypatch):
-    from spellbook.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["spellbook", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_cli_train_list_info_export_import_rm(studio, pictures, tmp_path, capsys, monkeypatch):

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from spellbook.cli import main
+from clirun import run_cli
 from spellbook.errors import UserError
 from spellbook.explorer.datasette_app import make_datasette
 from spellbook.explorer.ingest import domain_of, ingest
@@ -408,15 +408,6 @@ def test_datasette_json_api_answers_search_facets_and_canned_queries(synthetic):
 
 
 # -------------------------------------------------------------------------------------------------- cli
-def run_cli(args, capsys, monkeypatch) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["spellbook", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_cli_json_outputs(small_db, capsys, monkeypatch):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import sys
 import zipfile
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from clirun import run_cli
 from spellbook import gallery
 from spellbook.errors import NotFound, Refused, UserError
 from spellbook.infotext import write_png_text
@@ -397,22 +397,11 @@ def test_remix_feed_remove_and_export(db, filled, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------------ CLI
-def run_cli(capsys, monkeypatch, *args):
-    from spellbook.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["spellbook", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_cli_generate_files_images_and_the_gallery_commands_work(capsys, monkeypatch, home, tiny_model_dir, tmp_path):
     def cli(*args):
-        return run_cli(capsys, monkeypatch, *args)
+        return run_cli(args, capsys, monkeypatch)
 
     assert cli("models", "add", tiny_model_dir, "--name", "tiny")[0] == 0
     code, out, err = cli(
