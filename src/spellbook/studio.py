@@ -112,6 +112,10 @@ class Studio:
         check_concepts(inputs.concepts, components.text_encoder, components.ref.name)
         return recipe.with_(concepts=concepts), inputs, components
 
+    def store_input(self, image: Image.Image) -> InputRef:
+        """Keep an input picture by content hash (inputs/<sha256>.png), as init images and masks are kept."""
+        return self._store_input(image, "")
+
     def _store_input(self, image: Image.Image, original_path: str) -> InputRef:
         """Keep init images and masks by content hash, so `reproduce` finds them later."""
         digest = image_sha256(image)

@@ -86,6 +86,19 @@ def read_concept(path: Path | str, name: str | None = None, *, allow_pickle: boo
     return parse_state(state, name or default_name(path, state), metadata, source=path.name)
 
 
+def looks_like_pickle(data: bytes) -> bool:
+    """A pickle (protocol 2-5) or torch's zip of pickles, whatever the file is called."""
+    return data[:4] == b"PK\x03\x04" or (data[:1] == b"\x80" and data[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"))
+
+
+def looks_like_safetensors(data: bytes) -> bool:
+    """A safetensors file starts with the 8-byte length of its JSON header, then the header's `{`."""
+    if len(data) < 10:
+        return False
+    header_length = int.from_bytes(data[:8], "little")
+    return 2 <= header_length <= len(data) - 8 and data[8:9] == b"{"
+
+
 def default_name(path: Path, state: Any = None) -> str:
     """A1111 names a concept after its file; diffusers' generic `learned_embeds` file after its token."""
     if path.stem == "learned_embeds" and isinstance(state, dict) and len(state) == 1:
@@ -212,11 +225,16 @@ def write_concept(concept: Concept, path: Path | str, fmt: str = DIFFUSERS) -> P
     if path.suffix.lower() != ".safetensors":
         raise UserError(f"{path.name}: concepts are written as .safetensors", field="out")
     path.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {"format": "pt", **{str(k): str(v) for k, v in concept.metadata.items()}}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(safetensors_bytes(state_for(concept, fmt), metadata))
+    tmp.write_bytes(concept_bytes(concept, fmt))
     tmp.replace(path)
     return path
+
+
+def concept_bytes(concept: Concept, fmt: str = DIFFUSERS) -> bytes:
+    """The bytes of the safetensors file `write_concept` writes (what the server sends as a download)."""
+    metadata = {"format": "pt", **{str(k): str(v) for k, v in concept.metadata.items()}}
+    return safetensors_bytes(state_for(concept, fmt), metadata)
 
 
 def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import re
 import shutil
+import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,17 +25,21 @@ from spellbook.concepts.formats import (
     SUFFIXES,
     Concept,
     default_name,
+    looks_like_pickle,
+    looks_like_safetensors,
     read_concept,
     write_concept,
 )
 from spellbook.engine.prompts import concepts_in
-from spellbook.errors import Conflict, NotFound, UserError
+from spellbook.errors import Conflict, NotFound, Refused, UserError
 from spellbook.recipe import ConceptRef, suggest
 from spellbook.settings import Settings
 
 # No spaces: a name is written in prompts. Letters, digits, '_', '-', '.', '+'; starts with a letter or digit.
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
 SAMPLE_SUFFIX = ".png"
+# Names of pickled files (torch, plain pickle), refused by name before their bytes are even looked at.
+UPLOAD_PICKLE_SUFFIXES = (*PICKLE_SUFFIXES, ".ckpt", ".pth", ".pkl", ".pickle")
 
 
 def check_concept_name(name: str) -> str:
@@ -155,7 +161,6 @@ class ConceptLibrary:
         return self._info(self.path_of(name))
 
     def _info(self, path: Path) -> ConceptInfo:
-        from spellbook.errors import Refused
         from spellbook.models.registry import sha256_file
 
         sample = path.with_suffix(SAMPLE_SUFFIX)
@@ -228,6 +233,56 @@ class ConceptLibrary:
             tmp.replace(target)
         return self._info(target)
 
+    def import_bytes(
+        self,
+        data: bytes,
+        filename: str = "",
+        name: str | None = None,
+        *,
+        check: Callable[[Concept], None] | None = None,
+    ) -> ConceptInfo:
+        """Add a concept sent as bytes (an upload). Safetensors only, whatever allow_pickle says: bytes from the
+        network are never unpickled. The concept is named `name`, else after `filename` (its last part only);
+        `check` may refuse it (e.g. a text-encoder width that does not fit) before it joins the library."""
+        base = re.split(r"[/\\]", filename or "")[-1]
+        stem, dot, suffix = base.rpartition(".")
+        if not dot:
+            stem, suffix = base, ""
+        suffix = f".{suffix.lower()}" if suffix else ""
+        refused_hint = "convert it to .safetensors first (A1111 and diffusers both read safetensors embeddings)"
+        if suffix in UPLOAD_PICKLE_SUFFIXES:
+            raise Refused(
+                f"{base} is a pickle file ({suffix}): the server never loads pickles, which can run code when loaded",
+                field="file",
+                hint=refused_hint,
+            )
+        if looks_like_pickle(data):
+            raise Refused(
+                f"{base or 'the upload'} holds a pickle (a torch .pt/.bin file), not safetensors: the server never "
+                "loads pickles, which can run code when loaded",
+                field="file",
+                hint=refused_hint,
+            )
+        if suffix not in ("", ".safetensors") or not looks_like_safetensors(data):
+            raise UserError(
+                f"{base or 'the upload'} is not a .safetensors file; a concept file is a safetensors embedding "
+                "(A1111 or diffusers layout)",
+                field="file",
+            )
+        if not name and not stem:
+            raise UserError("give the concept a name (the file has none)", field="name")
+        if name is not None:
+            name = check_concept_name(name)
+        with tempfile.TemporaryDirectory(prefix="spellbook-upload-") as folder:
+            # diffusers' generic file name means "name me after my token", as import_file does for files.
+            generic = stem == "learned_embeds" and not name
+            path = Path(folder) / ("learned_embeds.safetensors" if generic else "upload.safetensors")
+            path.write_bytes(data)
+            concept = read_concept(path, name or (None if generic else check_concept_name(stem)))
+            if check is not None:
+                check(concept)
+            return self.import_file(path, concept.name)
+
     def remove(self, name: str) -> Path:
         path = self.path_of(name)
         path.unlink()
@@ -291,8 +346,6 @@ class ConceptLibrary:
         return vectors
 
     def _find_by_hash(self, sha256: str) -> tuple[str, Concept] | None:
-        from spellbook.errors import Refused
-
         for path in self.files().values():
             try:
                 found = self._load_path(path)

@@ -285,7 +285,9 @@ def generate_batch(
     first = recipes[0]
     for recipe in recipes[1:]:
         if not can_share_batch(first, recipe):
-            raise ValueError("generate_batch needs txt2img recipes that differ only in prompt, negative prompt and seed")
+            raise ValueError(
+                "generate_batch needs txt2img recipes that differ only in prompt, negative prompt and seed"
+            )
     # 1. Encode every prompt; prompts of different lengths (75-token chunks) cannot share a tensor.
     concepts = _concepts(components, first, inputs)
     encoded = [

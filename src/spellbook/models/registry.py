@@ -32,6 +32,7 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _HASHES: dict[str, str] = {}
 _HASH_CACHE_LOCK = threading.Lock()
 
+
 @dataclass(frozen=True)
 class ModelEntry:
     name: str

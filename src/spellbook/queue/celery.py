@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from spellbook.queue.jobs import Job, JobQueue
+from spellbook.queue.training import CONCEPT_KIND
 from spellbook.queue.worker import BackgroundLoop
 from spellbook.settings import Settings
 
@@ -84,15 +85,27 @@ def register_task(app, settings: Settings) -> None:
             if not target.exists():
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_bytes(base64.b64decode(data))
-        # Validated against the server's limits at submit; the worker enforces its own device's limits.
-        jobs = [(j["id"], Recipe.from_dict(j["recipe"], rt.studio.limits)) for j in payload["jobs"]]
         last = [0.0]
 
-        def on_progress(progress, _components) -> None:
+        def report(step: int, total: int) -> None:
             now = time.time()
-            if now - last[0] > 0.5 or progress.step == progress.total:
+            if now - last[0] > 0.5 or step == total:
                 last[0] = now
-                self.update_state(state="PROGRESS", meta={"step": progress.step, "total": progress.total})
+                self.update_state(state="PROGRESS", meta={"step": step, "total": total})
+
+        if payload["jobs"][0].get("kind") == CONCEPT_KIND:  # leased alone, like in the embedded worker
+            job = payload["jobs"][0]
+            return {
+                "results": {job["id"]: _train(rt, job, lambda step, total, _loss: report(step, total))},
+                "worker": self.request.hostname,
+                "batched_with": 1,
+            }
+
+        def on_progress(progress, _components) -> None:
+            report(progress.step, progress.total)
+
+        # Validated against the server's limits at submit; the worker enforces its own device's limits.
+        jobs = [(j["id"], Recipe.from_dict(j["recipe"], rt.studio.limits)) for j in payload["jobs"]]
 
         outcome = rt.executor.run(jobs, on_progress=on_progress, batching=payload.get("batching", True))
         results: dict[str, Any] = {}
@@ -102,6 +115,25 @@ def register_task(app, settings: Settings) -> None:
             else:
                 results[job_id] = {"images": [encode_png(image) for image in value]}
         return {"results": results, "worker": self.request.hostname, "batched_with": len(jobs)}
+
+
+def _train(rt: _WorkerRuntime, job: dict[str, Any], progress) -> dict[str, Any]:
+    """A `concept` job on this worker. Its scratch folder is under this worker's home, kept while the task may
+    be redelivered here (a killed worker's rerun continues from the checkpoint), removed once it has a result."""
+    from spellbook.errors import SpellbookError
+    from spellbook.queue.training import ConceptJobSpec, remove_scratch, run_concept_job, scratch_dir
+    from spellbook.recipe import InputRef
+
+    spec = ConceptJobSpec.from_dict(job["concept"])
+    scratch = scratch_dir(rt.settings.concepts_dir, job["id"])
+    try:
+        pictures = [rt.studio.load_input(InputRef(digest, ""), "images") for digest in spec.pictures]
+        trained = run_concept_job(rt.studio, spec, pictures, scratch, progress=progress)
+    except SpellbookError as exc:
+        remove_scratch(scratch)
+        return {"error": exc.to_dict()["error"]}
+    remove_scratch(scratch)
+    return {"trained": trained.to_payload()}
 
 
 def run_worker(settings: Settings, name: str | None = None) -> None:
@@ -208,25 +240,30 @@ class Dispatcher(BackgroundLoop):
             jobs = self.queue.lease(self.lease_owner(task_id), max_batch=max_batch)
             if not jobs:
                 break
-            payload = {
-                "jobs": [{"id": job.id, "recipe": job.request["recipe"]} for job in jobs],
-                "inputs": self._inputs(jobs),
-                "batching": self.settings.batching,
-            }
+            if jobs[0].kind == CONCEPT_KIND:
+                described = [{"id": jobs[0].id, "kind": CONCEPT_KIND, "concept": jobs[0].request["concept"]}]
+            else:
+                described = [{"id": job.id, "recipe": job.request["recipe"]} for job in jobs]
+            payload = {"jobs": described, "inputs": self._inputs(jobs), "batching": self.settings.batching}
             self.in_flight[task_id] = [job.id for job in jobs]
             self.celery.send_task(TASK, args=[payload], task_id=task_id)
             sent += 1
         return sent
 
     def _inputs(self, jobs: list[Job]) -> dict[str, str]:
-        inputs = {}
+        digests = []
         for job in jobs:
+            if "concept" in job.request:  # a concept job's pictures
+                digests += job.request["concept"]["pictures"]
+                continue
             for key in ("init_image", "mask"):
                 ref = job.request["recipe"].get(key)
                 if ref:
-                    path = self.settings.inputs_dir / f"{ref['sha256']}.png"
-                    inputs[ref["sha256"]] = base64.b64encode(path.read_bytes()).decode()
-        return inputs
+                    digests.append(ref["sha256"])
+        return {
+            digest: base64.b64encode((self.settings.inputs_dir / f"{digest}.png").read_bytes()).decode()
+            for digest in digests
+        }
 
     def _collect(self) -> None:
         for task_id, job_ids in list(self.in_flight.items()):
@@ -256,6 +293,9 @@ class Dispatcher(BackgroundLoop):
             if "error" in outcome:
                 self.queue.fail(job_id, outcome["error"])
                 continue
+            if "trained" in outcome:
+                self._record_concept(job_id, outcome["trained"])
+                continue
             records = save_pngs(self.settings.home, job_id, outcome["images"])
             job = self.queue.get(job_id)
             if self.on_images:
@@ -264,3 +304,16 @@ class Dispatcher(BackgroundLoop):
                 job_id, {"images": records, "batched_with": value.get("batched_with", 1), "worker": value.get("worker")}
             )
         del self.in_flight[task_id]
+
+    def _record_concept(self, job_id: str, payload: dict[str, Any]) -> None:
+        from spellbook.concepts.library import ConceptLibrary
+        from spellbook.errors import SpellbookError
+        from spellbook.queue.training import TrainedConcept, job_result, store_trained
+
+        trained = TrainedConcept.from_payload(payload)
+        try:
+            info = store_trained(ConceptLibrary(self.settings), trained)
+        except SpellbookError as exc:  # the name was taken meanwhile
+            self.queue.fail(job_id, exc.to_dict()["error"])
+            return
+        self.queue.complete(job_id, job_result(info, trained))

@@ -64,6 +64,7 @@ class Job:
             "finished": self.finished,
             "attempts": self.attempts,
             "recipe": self.request.get("recipe"),
+            **({"concept": self.request["concept"]} if "concept" in self.request else {}),
             "error": self.error,
             "result": self.result,
         }
@@ -138,6 +139,18 @@ class JobQueue:
             conn.execute(
                 "INSERT INTO jobs (id, owner, kind, request, cost, batch_key, created) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (job_id, owner, recipe.kind, json.dumps(request), cost, batch_key(recipe), time.time()),
+            )
+        return self.get(job_id)
+
+    def submit_task(self, kind: str, request: dict[str, Any], *, owner: int | None, cost: int) -> Job:
+        """A job that is not a recipe (e.g. `concept`: train a concept): paid the same way, never batched."""
+        job_id = uuid.uuid4().hex
+        with self.db.transaction() as conn:
+            if owner is not None:
+                Accounts.debit(conn, owner, cost, job_id)
+            conn.execute(
+                "INSERT INTO jobs (id, owner, kind, request, cost, batch_key, created) VALUES (?, ?, ?, ?, ?, '', ?)",
+                (job_id, owner, kind, json.dumps(request), cost, time.time()),
             )
         return self.get(job_id)
 

@@ -14,7 +14,8 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,6 +27,7 @@ from spellbook.engine.pipeline import Progress, can_share_batch, generate_batch,
 from spellbook.errors import Cancelled, SpellbookError
 from spellbook.provenance import image_sha256, png_bytes, save_png
 from spellbook.queue.jobs import Job, JobQueue
+from spellbook.queue.training import CONCEPT_KIND
 from spellbook.recipe import Build, Recipe
 from spellbook.studio import Studio
 
@@ -224,8 +226,10 @@ class EmbeddedWorker(BackgroundLoop):
                 log.exception("worker loop error")
                 time.sleep(1)
 
-    def run_jobs(self, jobs: list[Job]) -> None:
-        ids = [job.id for job in jobs]
+    @contextmanager
+    def _leased(self, ids: list[str]) -> Iterator[threading.Event]:
+        """While the jobs run: their live progress, and a heartbeat that renews their lease (with the progress)
+        and sets the yielded event once every one of them was cancelled."""
         cancel = threading.Event()
         for job_id in ids:
             self.live[job_id] = JobProgress()
@@ -239,6 +243,19 @@ class EmbeddedWorker(BackgroundLoop):
                 if stopped and len(stopped) == len(ids):
                     cancel.set()  # every job of the group was cancelled: stop computing
 
+        beater = threading.Thread(target=beat, daemon=True)
+        beater.start()
+        try:
+            yield cancel
+        finally:
+            beat_stop.set()
+            beater.join()
+
+    def run_jobs(self, jobs: list[Job]) -> None:
+        if jobs[0].kind == CONCEPT_KIND:  # never batched: a concept job is leased alone
+            self.run_training(jobs[0])
+            return
+        ids = [job.id for job in jobs]
         last_preview = [0.0]
 
         def on_progress(progress: Progress, components) -> None:
@@ -252,17 +269,16 @@ class EmbeddedWorker(BackgroundLoop):
                 for job_id in ids:
                     self.live[job_id].preview = preview
 
-        beater = threading.Thread(target=beat, daemon=True)
-        beater.start()
-        try:
-            outcome = self.executor.run(
-                [(job.id, job.recipe) for job in jobs], on_progress=on_progress, cancel=cancel, batching=self.batching
-            )
-        except Cancelled:
-            outcome = {}
-        finally:
-            beat_stop.set()
-            beater.join()
+        with self._leased(ids) as cancel:
+            try:
+                outcome = self.executor.run(
+                    [(job.id, job.recipe) for job in jobs],
+                    on_progress=on_progress,
+                    cancel=cancel,
+                    batching=self.batching,
+                )
+            except Cancelled:
+                outcome = {}
         for job in jobs:
             result = outcome.get(job.id)
             if result is None:
@@ -278,3 +294,44 @@ class EmbeddedWorker(BackgroundLoop):
             self.queue.complete(job.id, {"images": records, "batched_with": len(jobs)})
         for job_id in ids:
             self.live.pop(job_id, None)
+
+    def run_training(self, job: Job) -> None:
+        """A `concept` job: train in the job's scratch folder (resuming a checkpoint an earlier run of this job
+        left), then put the concept into the library. Cancel stops it at the next step."""
+        from spellbook.queue.training import (
+            ConceptJobSpec,
+            job_result,
+            remove_scratch,
+            run_concept_job,
+            scratch_dir,
+            store_trained,
+        )
+        from spellbook.recipe import InputRef
+
+        spec = ConceptJobSpec.from_dict(job.request["concept"])
+        scratch = scratch_dir(self.studio.settings.concepts_dir, job.id)
+        try:
+            with self._leased([job.id]) as cancel:
+                live = self.live[job.id]
+                live.total = spec.steps  # step 0 of N while the model loads
+
+                def on_step(step: int, total: int, _loss: float) -> None:
+                    live.step, live.total, live.updated = step, total, time.time()
+                    if cancel.is_set():
+                        raise Cancelled("the training was cancelled", field="job_id")
+
+                try:
+                    pictures = [self.studio.load_input(InputRef(digest, ""), "images") for digest in spec.pictures]
+                    trained = run_concept_job(self.studio, spec, pictures, scratch, progress=on_step)
+                    info = store_trained(self.studio.concepts, trained) if self.queue.is_active(job.id) else None
+                except Cancelled:
+                    return  # the cancel recorded the state and the refund
+                except SpellbookError as exc:
+                    self.queue.fail(job.id, exc.to_dict()["error"])
+                    return
+            if info is not None:
+                self.queue.complete(job.id, job_result(info, trained))
+        finally:
+            self.live.pop(job.id, None)
+            if not self.queue.is_active(job.id):  # ended (done, failed, cancelled): the checkpoint is of no use
+                remove_scratch(scratch)

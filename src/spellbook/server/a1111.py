@@ -266,12 +266,34 @@ def scripts(_who: Caller) -> dict[str, list]:
 
 @router.get("/embeddings")
 def embeddings(request: Request, _who: Caller) -> dict[str, Any]:
-    """Textual-inversion concepts in A1111's shape (empty until concepts are installed in this build)."""
+    """The concept library in A1111's shape: `loaded` are the concepts the default model can use (their width
+    matches its text encoder), `skipped` the others (made for another model family, or unreadable)."""
+    services = services_of(request)
+    width = _text_width(services)
+    loaded: dict[str, Any] = {}
+    skipped: dict[str, Any] = {}
+    for info in services.studio.concepts.list():
+        step = info.metadata.get("step")
+        entry = {
+            "step": int(step) if step and step.isdigit() else None,
+            "sd_checkpoint": info.metadata.get("sd_checkpoint") or None,
+            "sd_checkpoint_name": info.trained_for,
+            "shape": info.dims,
+            "vectors": info.vectors,
+        }
+        usable = info.dims is not None and (width is None or info.dims == width)
+        (loaded if usable else skipped)[info.name] = entry
+    return {"loaded": loaded, "skipped": skipped}
+
+
+def _text_width(services: Services) -> int | None:
+    """The default model's token-embedding width from its folder's text-encoder config; None if not a folder."""
     try:
-        from spellbook.concepts import a1111_embeddings
-    except ImportError:
-        return {"loaded": {}, "skipped": {}}
-    return a1111_embeddings(services_of(request).settings)
+        entry = services.studio.cache.registry.resolve(services.default_model, allow_paths=False)
+        config = json.loads((entry.path / "text_encoder" / "config.json").read_text())
+        return int(config["hidden_size"])
+    except (SpellbookError, OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 @router.get("/progress")

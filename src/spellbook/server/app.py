@@ -15,6 +15,7 @@ from typing import Annotated
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.base import BaseHTTPMiddleware
 
 from spellbook import __version__
@@ -23,6 +24,7 @@ from spellbook.queue.jobs import FINAL, Job, JobQueue
 from spellbook.queue.worker import EmbeddedWorker
 from spellbook.server.security import (
     LOCAL,
+    SIGNIN_PER_MINUTE,
     Principal,
     RateLimiter,
     auth_required,
@@ -49,6 +51,8 @@ class Services:
     dispatcher: object | None = None  # queue.celery.Dispatcher in scale-out mode
     default_model: str = "shapes"
     started: float = field(default_factory=time.time)
+    # Password sign-ins per user name and per client address: slow enough that guessing passwords is hopeless.
+    signin_limiter: RateLimiter = field(default_factory=lambda: RateLimiter(SIGNIN_PER_MINUTE, "sign-in attempts"))
 
     def wake(self) -> None:
         if self.worker:
@@ -164,6 +168,13 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     async def spellbook_error(_request: Request, exc: SpellbookError):
         return JSONResponse(exc.to_dict(), status_code=exc.http_status)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException):
+        """Routing's own errors (no such path, method not allowed) in the same error shape as ours."""
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http")
+        body = {"error": {"code": code, "message": str(exc.detail), "field": None}}
+        return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
@@ -171,10 +182,12 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
         message = f"{path}: {first.get('msg')}" if path else str(first.get("msg"))
         return JSONResponse({"error": {"code": "invalid", "message": message, "field": path}}, status_code=400)
 
-    from spellbook.server import a1111, gallery_routes, native, pages
+    from spellbook.server import a1111, account_routes, concept_routes, gallery_routes, native, pages
 
     app.include_router(native.router)
+    app.include_router(account_routes.router)
     app.include_router(gallery_routes.router)
+    app.include_router(concept_routes.router)
     app.include_router(a1111.router)
     pages.mount(app)
     return app

@@ -13,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from spellbook import __version__
 from spellbook.errors import NotFound
+from spellbook.models.loading import DEFAULTS_FILE
+from spellbook.models.registry import ModelEntry
 from spellbook.queue.jobs import FINAL, Job
 from spellbook.recipe import SAMPLERS, SCHEDULES
 from spellbook.server.app import Caller, Services, services_of
@@ -146,12 +148,31 @@ async def job_events(job_id: JobId, request: Request, who: Caller) -> StreamingR
     return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
+def declared_size(entry: ModelEntry) -> list[int] | None:
+    """[width, height] from a model folder's spellbook.json, read without loading the model; None if unsaid.
+
+    The web page sizes a new sketch canvas by it."""
+    try:
+        defaults = json.loads((entry.path / DEFAULTS_FILE).read_text()).get("defaults", {})
+        size = [int(defaults["width"]), int(defaults["height"])]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return size if min(size) >= 8 else None
+
+
 @router.get("/models")
 def models(request: Request, _who: Caller) -> list[dict[str, Any]]:
+    """The models this server can run; `size` is the model's default [width, height] when its folder says."""
     services = services_of(request)
     registry = services.studio.cache.registry
     return [
-        {"name": e.name, "format": e.format, "builtin": e.builtin, "default": e.name == services.default_model}
+        {
+            "name": e.name,
+            "format": e.format,
+            "builtin": e.builtin,
+            "default": e.name == services.default_model,
+            "size": declared_size(e),
+        }
         for e in registry.list()
     ]
 

@@ -27,19 +27,44 @@ def mount(app: FastAPI) -> None:
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
 
 
-def _page(request: Request, template: str, title: str) -> HTMLResponse:
+def _page(request: Request, template: str, title: str, **extra) -> HTMLResponse:
     services = services_of(request)
     context = {"title": title, "version": __version__, "auth": services.auth, "page": template.removesuffix(".html")}
+    context.update(extra)
     return templates.TemplateResponse(request, template, context)
 
 
 @router.get("/", response_class=HTMLResponse)
 def create_page(request: Request) -> HTMLResponse:
     """Create: prompt, settings, Generate with live progress, results with their recipes."""
-    return _page(request, "create.html", "Create")
+    return _page(request, "create.html", "Create", mode="txt2img")
+
+
+@router.get("/sketch", response_class=HTMLResponse)
+def sketch_page(request: Request) -> HTMLResponse:
+    """Create, sketch mode: draw (or upload) a start picture; it is the init image of an img2img job."""
+    return _page(request, "create.html", "Sketch", mode="img2img")
+
+
+@router.get("/inpaint", response_class=HTMLResponse)
+def inpaint_page(request: Request) -> HTMLResponse:
+    """Create, inpaint mode: paint a mask over a picture; only the masked area is drawn again."""
+    return _page(request, "create.html", "Inpaint", mode="inpaint")
 
 
 @router.get("/gallery", response_class=HTMLResponse)
 def gallery_page(request: Request) -> HTMLResponse:
     """Gallery: search by words and meaning, the public feed, each image's recipe."""
     return _page(request, "gallery.html", "Gallery")
+
+
+@router.get("/concepts", response_class=HTMLResponse)
+def concepts_page(request: Request) -> HTMLResponse:
+    """Concepts: the library (download, upload, remove) and training a new one from pictures, with progress."""
+    return _page(request, "concepts.html", "Concepts")
+
+
+@router.get("/account", response_class=HTMLResponse)
+def account_page(request: Request) -> HTMLResponse:
+    """Account: sign in (user name and password, or a token), sign out, credits and the ledger."""
+    return _page(request, "account.html", "Account")

@@ -105,10 +105,16 @@ def check_origin(request: Request) -> None:
         raise Forbidden(f"requests from origin {origin} are not accepted; use the server's own pages or an API client")
 
 
-class RateLimiter:
-    """A token bucket per user: `per_minute` submissions, refilled continuously."""
+SIGNIN_PER_MINUTE = 10  # password sign-ins per user name and per client address
+SESSION_COOKIE = "spellbook_token"
+SESSION_LABEL = "web session"  # the label of tokens made by a password sign-in (revoked by signing out)
 
-    def __init__(self, per_minute: int):
+
+class RateLimiter:
+    """A token bucket per key (a user, a client address): `per_minute` requests, refilled continuously."""
+
+    def __init__(self, per_minute: int, what: str = "jobs"):
+        self.what = what
         self.rate = per_minute / 60.0
         self.capacity = float(max(1, per_minute))
         self.buckets: dict[str, tuple[float, float]] = {}
@@ -123,7 +129,7 @@ class RateLimiter:
             tokens = min(self.capacity, tokens + (now - last) * self.rate)
             if tokens < 1:
                 self.buckets[key] = (tokens, now)
-                raise RateLimited(f"too many jobs: at most {int(self.capacity)} per minute; try again shortly")
+                raise RateLimited(f"too many {self.what}: at most {int(self.capacity)} per minute; try again shortly")
             self.buckets[key] = (tokens - 1, now)
 
 
@@ -137,6 +143,11 @@ def decode_image(data: str, field: str, max_pixels: int) -> Image.Image:
         raw = base64.b64decode(data, validate=False)
     except (binascii.Error, ValueError):
         raise UserError("is not valid base64", field=field) from None
+    return decode_image_bytes(raw, field, max_pixels)
+
+
+def decode_image_bytes(raw: bytes, field: str, max_pixels: int) -> Image.Image:
+    """An image file's bytes (an upload), size-checked from its header before any pixel is decoded."""
     try:
         image = Image.open(io.BytesIO(raw))  # reads the header only: the size is known before any decoding
     except Image.DecompressionBombError as exc:

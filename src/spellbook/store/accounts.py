@@ -8,6 +8,7 @@ overdraw an account: the conditional UPDATE either takes the credits or takes no
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import re
@@ -84,10 +85,14 @@ class Accounts:
             conn.execute("UPDATE users SET password_hash = ? WHERE name = ?", (hash_password(password), name))
 
     def check_password(self, name: str, password: str) -> User | None:
+        """The user, if the password is theirs. An unknown user costs the same scrypt work as a wrong password,
+        so the answer's timing does not tell which user names exist."""
         row = self.db.execute("SELECT * FROM users WHERE name = ?", (name,)).fetchone()
-        if row is None or not row["password_hash"] or not verify_password(password, row["password_hash"]):
+        stored = row["password_hash"] if row is not None else None
+        if not stored:
+            verify_password(password, _decoy_hash())
             return None
-        return _user(row)
+        return _user(row) if verify_password(password, stored) else None
 
     # ----------------------------------------------------------------------------------------- tokens
     def create_token(self, name: str, label: str = "") -> str:
@@ -114,6 +119,15 @@ class Accounts:
             "SELECT id, name, prefix, created, revoked FROM tokens WHERE user_id = ? ORDER BY id", (user.id,)
         )
         return [dict(r) for r in rows]
+
+    def revoke_token_value(self, token: str, *, label: str) -> bool:
+        """Revoke a token given by its value, if it carries `label` (a web session's token, not an API token
+        the user pasted); True when one was revoked."""
+        with self.db.transaction() as conn:
+            done = conn.execute(
+                "UPDATE tokens SET revoked = 1 WHERE hash = ? AND name = ? AND NOT revoked", (token_hash(token), label)
+            )
+        return done.rowcount == 1
 
     def revoke_token(self, name: str, token_id: int) -> None:
         user = self.user(name)
@@ -171,11 +185,13 @@ class Accounts:
         )
         return amount
 
-    def ledger(self, name: str, limit: int = 20) -> list[dict]:
+    def ledger(self, name: str, limit: int = 20, before: int | None = None) -> list[dict]:
+        """The newest `limit` rows, newest first; `before` (a row id) pages back to older ones."""
         user = self.user(name)
         rows = self.db.execute(
-            "SELECT delta, reason, job_id, note, created FROM ledger WHERE user_id = ? ORDER BY id DESC LIMIT ?",
-            (user.id, limit),
+            "SELECT id, delta, reason, job_id, note, created FROM ledger WHERE user_id = ? AND id < ? "
+            "ORDER BY id DESC LIMIT ?",
+            (user.id, before if before is not None else 2**63 - 1, limit),
         )
         return [dict(r) for r in rows]
 
@@ -189,6 +205,11 @@ def hash_password(password: str) -> str:
     n, r, p = 2**14, 8, 1
     digest = hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p, dklen=32)
     return f"scrypt${n}${r}${p}${salt.hex()}${digest.hex()}"
+
+
+@functools.cache
+def _decoy_hash() -> str:
+    return hash_password(secrets.token_urlsafe(16))
 
 
 def verify_password(password: str, stored: str) -> bool:

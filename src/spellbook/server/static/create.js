@@ -1,6 +1,10 @@
-// The Create page: submit a job, follow it over SSE (progress + live preview), show the images and recipes.
+// The Create page: text → image, sketch → image (img2img) and inpaint, as three modes of one form.
+// Submit a job, follow it over SSE (progress + live preview), show the images with their recipes and actions.
+import { imageActions, REMIX_KEY } from "/static/actions.js";
 import { api, clearErrors, renderRecipe, showError } from "/static/api.js";
+import { MaskPad, SketchPad } from "/static/canvas.js";
 
+const studio = document.getElementById("studio");
 const form = document.getElementById("create");
 const generate = document.getElementById("generate");
 const cancel = document.getElementById("cancel");
@@ -11,16 +15,170 @@ const progressText = document.getElementById("progress-text");
 const preview = document.getElementById("preview");
 const results = document.getElementById("results");
 const reuse = document.getElementById("reuse");
+const workspace = document.getElementById("workspace");
+const strength = form.elements.strength;
+const strengthValue = document.getElementById("strength-value");
+const inpaintImage = document.getElementById("inpaint-image");
+const maskCanvas = document.getElementById("mask-canvas");
+const inpaintEmpty = document.getElementById("inpaint-empty");
 
+const MODES = {
+  txt2img: { path: "/", title: "Create", hint: "Write a prompt and press Generate (or Ctrl+Enter)." },
+  img2img: {
+    path: "/sketch",
+    title: "Sketch",
+    hint: "Draw (or upload) a start picture, describe it, and press Generate (or Ctrl+Enter).",
+    // Measured with the shapes model (tests/test_web.py): a red blob on the left of a black background with
+    // "a red circle" comes back red, on the left, on black for 23-24 of 24 seeds at 0.7 (15-20 at 0.8).
+    strength: 0.7,
+  },
+  inpaint: {
+    path: "/inpaint",
+    title: "Inpaint",
+    hint: "Paint a mask over the picture, say what goes there, and press Generate (or Ctrl+Enter).",
+    strength: 1.0,
+  },
+};
+const DRAWING_SIDE = 256; // a small model's canvas is drawn on at about this size, then sent at that size
+const LARGEST_PICTURE = 1024;
+
+let mode = studio.dataset.mode;
 let current = null; // { id, events }
 let lastSeed = null;
+let modelSizes = {}; // model name -> [width, height] when the model says
+let strengthTouched = false;
+let sketchTarget = null; // { width, height } the sketch is generated at when the size fields are empty
+let inpaintSource = null; // { dataURL, width, height }
+let remixExtras = {}; // fields of a remixed recipe that have no box on the page (schedule, clip skip, VAE)
 
+const sketch = new SketchPad(document.getElementById("sketch-canvas"));
+const maskPad = new MaskPad(maskCanvas);
+
+// --------------------------------------------------------------------------------------------- modes
+function setMode(next, { push = true } = {}) {
+  mode = MODES[next] ? next : "txt2img";
+  studio.dataset.mode = mode;
+  for (const element of studio.querySelectorAll("[data-modes]")) {
+    element.hidden = !element.dataset.modes.split(" ").includes(mode);
+  }
+  workspace.hidden = mode === "txt2img";
+  for (const link of document.querySelectorAll(".modes a")) {
+    if (link.dataset.mode === mode) link.setAttribute("aria-current", "page");
+    else link.removeAttribute("aria-current");
+  }
+  if (!strengthTouched && MODES[mode].strength) setStrength(MODES[mode].strength);
+  document.title = `${MODES[mode].title} · Spellbook`;
+  if (!current && !results.childElementCount) status.textContent = MODES[mode].hint;
+  if (push && location.pathname !== MODES[mode].path) history.pushState({ mode }, "", MODES[mode].path);
+  if (mode === "img2img" && !sketch.ready) newSketch();
+}
+
+function setStrength(value) {
+  strength.value = String(value);
+  strengthValue.textContent = Number(strength.value).toFixed(2);
+}
+
+// ---------------------------------------------------------------------------------------- pictures
+function blobToDataURL(blob) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(blob);
+  });
+}
+
+function loadImage(src) {
+  return new Promise((resolve, reject) => {
+    const image = new Image();
+    image.onload = () => resolve(image);
+    image.onerror = () => reject(new Error("the browser cannot read this picture (PNG, JPEG or WebP expected)"));
+    image.src = src;
+  });
+}
+
+// A picture from this server (a result, a gallery image): its own bytes, as a data URL.
+async function fetchPicture(url) {
+  if (!url.startsWith("/api/v1/")) throw new Error(`only pictures from this server can be loaded, not ${url}`);
+  const response = await fetch(url, { credentials: "same-origin" });
+  if (!response.ok) throw new Error(`could not load ${url}: HTTP ${response.status}`);
+  const dataURL = await blobToDataURL(await response.blob());
+  return { dataURL, image: await loadImage(dataURL) };
+}
+
+async function readFile(file) {
+  const dataURL = await blobToDataURL(file);
+  return { dataURL, image: await loadImage(dataURL) };
+}
+
+function sizeFields() {
+  const width = Number(form.elements.width.value);
+  const height = Number(form.elements.height.value);
+  return width > 0 && height > 0 ? { width, height } : null;
+}
+
+function modelSize() {
+  const size = modelSizes[form.elements.model.value];
+  return size ? { width: size[0], height: size[1] } : { width: 512, height: 512 };
+}
+
+function roundTo8(value) {
+  return Math.max(8, Math.floor(value / 8) * 8);
+}
+
+function drawingScale(width, height) {
+  return Math.max(1, Math.floor(DRAWING_SIDE / Math.max(width, height)));
+}
+
+// A blank sketch in the size the job will have (the size boxes, or the model's own).
+function newSketch(options) {
+  const target = sizeFields() || modelSize();
+  const scale = drawingScale(target.width, target.height);
+  sketch.reset(target.width * scale, target.height * scale, options);
+  sketchTarget = { width: target.width, height: target.height };
+}
+
+function loadSketchPicture(image) {
+  let { naturalWidth: width, naturalHeight: height } = image;
+  const shrink = Math.min(1, LARGEST_PICTURE / Math.max(width, height));
+  width = Math.round(width * shrink);
+  height = Math.round(height * shrink);
+  const scale = drawingScale(width, height);
+  sketch.load(image, width * scale, height * scale);
+  sketchTarget = { width: roundTo8(width), height: roundTo8(height) };
+}
+
+function setInpaintSource({ dataURL, image }) {
+  inpaintSource = { dataURL, width: image.naturalWidth, height: image.naturalHeight };
+  inpaintImage.src = dataURL;
+  inpaintImage.hidden = false;
+  maskCanvas.hidden = false;
+  inpaintEmpty.hidden = true;
+  maskPad.reset(image.naturalWidth, image.naturalHeight);
+}
+
+// "→ img2img" / "→ inpaint": the picture becomes the sketch's start, or the picture to inpaint.
+async function sendTo(kind, url) {
+  try {
+    const picture = await fetchPicture(url);
+    if (kind === "inpaint") setInpaintSource(picture);
+    else loadSketchPicture(picture.image);
+    setMode(kind);
+    status.textContent = kind === "inpaint" ? "Paint a mask over the picture." : "The picture is the sketch's start.";
+    workspace.scrollIntoView({ block: "nearest" });
+  } catch (err) {
+    showError(studio, { field: "init_image", message: err.message });
+  }
+}
+
+// ----------------------------------------------------------------------------------------- recipes
 async function loadChoices() {
   try {
     const [models, samplers] = await Promise.all([api("/api/v1/models"), api("/api/v1/samplers")]);
     const select = form.elements.model;
     for (const model of models) {
       select.add(new Option(model.name + (model.builtin ? " (built in)" : ""), model.name, model.default, model.default));
+      if (model.size) modelSizes[model.name] = model.size;
     }
     for (const name of samplers.samplers) {
       form.elements.sampler.add(new Option(name, name));
@@ -28,6 +186,42 @@ async function loadChoices() {
   } catch (err) {
     showError(form, err);
   }
+}
+
+// A remix (from a result here, or from the Gallery): its recipe in the form, ready to edit.
+async function applyRemix(request, { start } = {}) {
+  const { elements } = form;
+  elements.prompt.value = request.prompt || "";
+  elements.negative_prompt.value = request.negative_prompt || "";
+  if (request.model && [...elements.model.options].some((o) => o.value === request.model)) {
+    elements.model.value = request.model;
+  }
+  elements.sampler.value = [...elements.sampler.options].some((o) => o.value === request.sampler)
+    ? request.sampler
+    : "";
+  elements.steps.value = request.steps ?? "";
+  elements.guidance.value = request.guidance ?? "";
+  elements.seed.value = request.seed ?? -1;
+  elements.batch_size.value = 1;
+  const [width, height] = (request.size || "").split("x");
+  elements.width.value = width || "";
+  elements.height.value = height || "";
+  remixExtras = {};
+  for (const key of ["schedule", "clip_skip", "vae"]) {
+    if (request[key] !== undefined) remixExtras[key] = request[key];
+  }
+  const kind = request.kind || "txt2img";
+  if (request.strength !== undefined) {
+    setStrength(request.strength);
+    strengthTouched = true;
+  }
+  if (start && kind !== "txt2img") await sendTo(kind, start);
+  else setMode(kind);
+  clearErrors(studio);
+  status.textContent =
+    kind !== "txt2img" && !start
+      ? "Remix loaded. Its start picture is not in the gallery: the canvas keeps what it has."
+      : "Remix loaded: edit it and press Generate.";
 }
 
 // The job request: empty number fields are left out, so the model's own defaults apply.
@@ -41,9 +235,34 @@ function request() {
   }
   const guidance = form.elements.guidance.value.trim();
   if (guidance !== "") body.guidance = Number(guidance);
+  Object.assign(body, remixExtras);
+  if (mode === "img2img") {
+    body.kind = "img2img";
+    body.strength = Number(strength.value);
+    body.init_image = sketch.toDataURL();
+    // The canvas is drawn larger than a small model's images: say the size it is to be generated at.
+    if (body.width === undefined && body.height === undefined && sketchTarget) Object.assign(body, sketchTarget);
+  } else if (mode === "inpaint") {
+    body.kind = "inpaint";
+    body.strength = Number(strength.value);
+    body.init_image = inpaintSource.dataURL;
+    body.mask = maskPad.toDataURL();
+  }
   return body;
 }
 
+// What the page can tell before asking the server.
+function localProblem() {
+  if (mode === "inpaint" && !inpaintSource) {
+    return { field: "init_image", message: "choose a picture to inpaint: upload one, or use → inpaint on an image" };
+  }
+  if (mode === "inpaint" && maskPad.isEmpty()) {
+    return { field: "mask", message: "the mask is empty: paint over the part of the picture to change" };
+  }
+  return null;
+}
+
+// --------------------------------------------------------------------------------------------- jobs
 function setBusy(busy) {
   generate.disabled = busy;
   cancel.hidden = !busy;
@@ -57,12 +276,18 @@ function setProgress(fraction, text) {
 
 async function submit() {
   if (current) return;
-  clearErrors(form);
+  clearErrors(studio);
+  const problem = localProblem();
+  if (problem) {
+    showError(studio, problem);
+    status.textContent = "Not queued: fix the field marked in red.";
+    return;
+  }
   let job;
   try {
     job = await api("/api/v1/jobs", { method: "POST", body: request() });
   } catch (err) {
-    showError(form, err);
+    showError(studio, err);
     status.textContent = "Not queued: fix the field marked in red.";
     return;
   }
@@ -122,7 +347,7 @@ function showResults(job) {
   results.replaceChildren();
   const records = (job.result && job.result.images) || [];
   job.images.forEach((url, index) => {
-    const seed = records[index] ? records[index].seed : undefined;
+    const record = records[index] || {};
     const figure = document.createElement("figure");
     figure.className = "result";
     const link = document.createElement("a");
@@ -133,13 +358,18 @@ function showResults(job) {
     img.alt = job.recipe ? job.recipe.prompt : "result";
     link.append(img);
     const caption = document.createElement("figcaption");
-    caption.append(renderRecipe(job.recipe || {}, { seed }));
-    const download = document.createElement("a");
-    download.href = url;
-    download.download = `spellbook-${job.id}-${index}.png`;
-    download.className = "download";
-    download.textContent = "Download PNG";
-    caption.append(download);
+    caption.append(renderRecipe(job.recipe || {}, { seed: record.seed }));
+    caption.append(
+      imageActions({
+        src: url,
+        imageId: record.image_id,
+        recipe: { ...(job.recipe || {}), batch_index: index },
+        filename: `spellbook-${job.id}-${index}.png`,
+        onSend: sendTo,
+        onRemix: (remix) => applyRemix(remix),
+        say: (text) => (status.textContent = text),
+      }),
+    );
     figure.append(link, caption);
     results.append(figure);
   });
@@ -150,6 +380,7 @@ function showResults(job) {
   }
 }
 
+// --------------------------------------------------------------------------------------------- wiring
 form.addEventListener("submit", (event) => {
   event.preventDefault();
   submit();
@@ -158,7 +389,17 @@ document.addEventListener("keydown", (event) => {
   if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) {
     event.preventDefault();
     submit();
+    return;
   }
+  // Undo/redo on the canvas, unless a text box has the focus (it keeps its own undo).
+  const typing = event.target.closest && event.target.closest("textarea, input:not([type=range]):not([type=radio])");
+  if (mode === "txt2img" || typing || !(event.ctrlKey || event.metaKey)) return;
+  const pad = mode === "img2img" ? sketch : maskPad;
+  const key = event.key.toLowerCase();
+  if (key === "z" && !event.shiftKey) pad.undo();
+  else if ((key === "z" && event.shiftKey) || key === "y") pad.redo();
+  else return;
+  event.preventDefault();
 });
 cancel.addEventListener("click", async () => {
   if (!current) return;
@@ -175,5 +416,107 @@ document.getElementById("dice").addEventListener("click", () => {
 reuse.addEventListener("click", () => {
   if (lastSeed !== null) form.elements.seed.value = String(lastSeed);
 });
+// A sketch nobody has drawn on yet follows the model and the size boxes.
+for (const name of ["model", "width", "height"]) {
+  form.elements[name].addEventListener("change", () => {
+    if (sketch.ready && !sketch.history.past.length) newSketch();
+  });
+}
+strength.addEventListener("input", () => {
+  strengthTouched = true;
+  setStrength(strength.value);
+});
+for (const link of document.querySelectorAll(".modes a")) {
+  link.addEventListener("click", (event) => {
+    if (event.ctrlKey || event.metaKey || event.shiftKey || event.button !== 0) return;
+    event.preventDefault();
+    setMode(link.dataset.mode);
+  });
+}
+window.addEventListener("popstate", () => {
+  const found = Object.entries(MODES).find(([, m]) => m.path === location.pathname);
+  setMode(found ? found[0] : "txt2img", { push: false });
+});
 
-loadChoices();
+// Sketch tools
+const brushColour = document.getElementById("brush-colour");
+function setColour(hex) {
+  sketch.colour = hex;
+  brushColour.value = hex;
+  for (const swatch of document.querySelectorAll(".swatch")) {
+    swatch.setAttribute("aria-pressed", String(swatch.dataset.colour === hex));
+  }
+}
+for (const swatch of document.querySelectorAll(".swatch")) {
+  swatch.addEventListener("click", () => setColour(swatch.dataset.colour));
+}
+brushColour.addEventListener("input", () => setColour(brushColour.value));
+for (const radio of document.querySelectorAll('input[name="sketch-tool"]')) {
+  radio.addEventListener("change", () => (sketch.tool = radio.value));
+}
+const sketchSize = document.getElementById("sketch-size");
+sketchSize.addEventListener("input", () => (sketch.size = Number(sketchSize.value)));
+document.getElementById("sketch-undo").addEventListener("click", () => sketch.undo());
+document.getElementById("sketch-redo").addEventListener("click", () => sketch.redo());
+document.getElementById("sketch-clear").addEventListener("click", () => {
+  sketch.record(); // a clear can be undone
+  newSketch({ keepHistory: true });
+});
+document.getElementById("sketch-upload").addEventListener("change", async (event) => {
+  const [file] = event.target.files;
+  event.target.value = "";
+  if (!file) return;
+  try {
+    loadSketchPicture((await readFile(file)).image);
+    clearErrors(studio);
+  } catch (err) {
+    showError(studio, { field: "init_image", message: err.message });
+  }
+});
+
+// Inpaint tools
+for (const radio of document.querySelectorAll('input[name="mask-tool"]')) {
+  radio.addEventListener("change", () => (maskPad.tool = radio.value));
+}
+const maskSize = document.getElementById("mask-size");
+maskSize.addEventListener("input", () => (maskPad.size = Number(maskSize.value)));
+document.getElementById("mask-undo").addEventListener("click", () => maskPad.undo());
+document.getElementById("mask-redo").addEventListener("click", () => maskPad.redo());
+document.getElementById("mask-invert").addEventListener("click", () => maskPad.invert());
+document.getElementById("mask-clear").addEventListener("click", () => maskPad.clear());
+document.getElementById("inpaint-upload").addEventListener("change", async (event) => {
+  const [file] = event.target.files;
+  event.target.value = "";
+  if (!file) return;
+  try {
+    setInpaintSource(await readFile(file));
+    clearErrors(studio);
+  } catch (err) {
+    showError(studio, { field: "init_image", message: err.message });
+  }
+});
+
+// --------------------------------------------------------------------------------------------- start
+async function start() {
+  setColour(sketch.colour);
+  sketch.size = Number(sketchSize.value);
+  maskPad.size = Number(maskSize.value);
+  setStrength(MODES[mode].strength || strength.value);
+  await loadChoices();
+  setMode(mode, { push: false });
+  // ?init=URL (from the Gallery's → img2img / → inpaint) and a remix handed over by the Gallery.
+  const init = new URLSearchParams(location.search).get("init");
+  if (init && mode !== "txt2img") await sendTo(mode, init);
+  const handed = sessionStorage.getItem(REMIX_KEY);
+  if (handed) {
+    sessionStorage.removeItem(REMIX_KEY);
+    try {
+      const remix = JSON.parse(handed);
+      await applyRemix(remix.request, { start: remix.start });
+    } catch (err) {
+      status.textContent = `Could not load the remix: ${err.message}`;
+    }
+  }
+}
+
+start();

@@ -1,6 +1,9 @@
 // The Gallery page: search (words + meaning by default), or the public feed when the box is empty;
-// click an image to see its recipe.
+// click an image to see its recipe and act on it (→ img2img, → inpaint, remix, copy, download).
+import { imageActions, REMIX_KEY } from "/static/actions.js";
 import { api, clearErrors, renderRecipe, showError } from "/static/api.js";
+
+const CREATE_PATHS = { txt2img: "/", img2img: "/sketch", inpaint: "/inpaint" };
 
 const form = document.getElementById("search");
 const grid = document.getElementById("grid");
@@ -17,6 +20,9 @@ async function load() {
   const mode = form.elements.mode.value;
   const mine = ++generation;
   clearErrors(form);
+  // The search is kept in the address, so Back (from → img2img, say) comes back to it.
+  const address = q ? `?${new URLSearchParams(mode === "hybrid" ? { q } : { q, mode })}` : location.pathname;
+  history.replaceState(null, "", address);
   const url = q
     ? `/api/v1/gallery/search?${new URLSearchParams({ q, mode, limit: "60" })}`
     : "/api/v1/gallery/feed?limit=60";
@@ -60,13 +66,24 @@ async function open(id) {
     detailImg.src = image.src;
     detailImg.alt = image.prompt;
     const recipe = image.recipe && Object.keys(image.recipe).length ? image.recipe : image;
-    detailRecipe.replaceChildren(renderRecipe(recipe, { seed: image.seed }));
-    const download = document.createElement("a");
-    download.href = image.src;
-    download.download = `spellbook-${image.id}.png`;
-    download.className = "download";
-    download.textContent = "Download PNG";
-    detailRecipe.append(download);
+    detailRecipe.replaceChildren(
+      renderRecipe(recipe, { seed: image.seed }),
+      imageActions({
+        src: image.src,
+        imageId: image.id,
+        recipe,
+        filename: `spellbook-${image.id}.png`,
+        // The Create page opens in that mode with the picture loaded.
+        onSend: (kind, src) => location.assign(`${CREATE_PATHS[kind]}?${new URLSearchParams({ init: src })}`),
+        // Handed over once through sessionStorage; the start picture is the parent (the init image) if known.
+        onRemix: (request) => {
+          const start = image.parent ? image.parent.src : undefined;
+          sessionStorage.setItem(REMIX_KEY, JSON.stringify({ request, start }));
+          location.assign(CREATE_PATHS[request.kind || "txt2img"] || "/");
+        },
+        say: (text) => (status.textContent = text),
+      }),
+    );
     detail.hidden = false;
     document.getElementById("close").focus();
   } catch (err) {
@@ -88,6 +105,13 @@ document.getElementById("close").addEventListener("click", () => {
 });
 document.addEventListener("keydown", (event) => {
   if (event.key === "Escape") detail.hidden = true;
+  if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) {
+    event.preventDefault();
+    load();
+  }
 });
 
+const asked = new URLSearchParams(location.search);
+form.elements.q.value = asked.get("q") || "";
+if (["hybrid", "words", "meaning"].includes(asked.get("mode"))) form.elements.mode.value = asked.get("mode");
 load();

@@ -1,0 +1,185 @@
+"""/api/v1/concepts: the textual-inversion concepts library over HTTP: list, show, download (A1111 or
+diffusers layout), upload (safetensors only: the server never unpickles), delete (admin), and training from
+uploaded pictures as a queued job (kind `concept`) with SSE progress at /api/v1/jobs/{id}/events."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+from urllib.parse import quote
+
+from fastapi import APIRouter, File, Form, Path, Query, Request, Response, UploadFile
+from fastapi.responses import FileResponse
+
+from spellbook.concepts.formats import DIFFUSERS, concept_bytes
+from spellbook.concepts.library import ConceptInfo, check_concept_name
+from spellbook.errors import Forbidden, NotFound, TooLarge, UserError
+from spellbook.queue.training import CONCEPT_KIND, MAX_PICTURES, MAX_TRAIN_STEPS, ConceptJobSpec, training_cost
+from spellbook.server.app import Caller, services_of
+from spellbook.server.security import decode_image_bytes
+
+router = APIRouter(prefix="/api/v1/concepts", tags=["concepts"])
+ConceptName = Annotated[
+    str, Path(min_length=1, max_length=66, description="the concept's name, as written in prompts (<> optional)")
+]
+# The largest concept there is (75 vectors of 1024 floats, SD 2.x) is about 300 KB; one vector of SD 1.x, 3 KB.
+UPLOAD_MAX_BYTES = 1 << 20
+SAFETENSORS = "application/octet-stream"
+
+
+def view(info: ConceptInfo) -> dict[str, Any]:
+    """What `spellbook concept info` shows, with URLs on this server in place of file paths."""
+    data = info.to_dict()
+    data.pop("path", None)
+    data["size_bytes"] = data.pop("size")
+    base = f"/api/v1/concepts/{quote(info.name)}"
+    data["sample"] = f"{base}/sample" if info.sample else None
+    data["files"] = {"original": f"{base}/file", "a1111": f"{base}/file?format=a1111", "diffusers": f"{base}/file?format=diffusers"}  # fmt: skip
+    return data
+
+
+@router.get("")
+def list_concepts(request: Request, _who: Caller) -> dict[str, Any]:
+    """Every concept in the library (a file that cannot be read is listed with a `note`)."""
+    return {"concepts": [view(info) for info in services_of(request).studio.concepts.list()]}
+
+
+@router.get("/{name}")
+def show_concept(name: ConceptName, request: Request, _who: Caller) -> dict[str, Any]:
+    return view(services_of(request).studio.concepts.info(name))
+
+
+@router.get(
+    "/{name}/file",
+    response_class=Response,
+    responses={200: {"content": {SAFETENSORS: {}}, "description": "the .safetensors file, as an attachment"}},
+)
+def concept_file(
+    name: ConceptName,
+    request: Request,
+    _who: Caller,
+    fmt: Annotated[
+        Literal["a1111", "diffusers"] | None,
+        Query(alias="format", description="a1111: {'emb_params': …}; diffusers: {'<name>': …}; unset: as stored"),
+    ] = None,
+) -> Response:
+    """The concept's .safetensors file: as stored (its hash is the TI hash), or rewritten for A1111 or diffusers."""
+    library = services_of(request).studio.concepts
+    path = library.path_of(name)
+    bare = path.stem
+    if fmt is None and path.suffix.lower() == ".safetensors":
+        return FileResponse(path, media_type=SAFETENSORS, filename=f"{bare}.safetensors")
+    concept, _ = library.load(bare)  # a pickle dropped in by hand: converted (only when pickles are allowed)
+    fmt = fmt or DIFFUSERS
+    filename = f"{bare}.safetensors" if fmt == "a1111" else f"{bare}-diffusers.safetensors"
+    return Response(
+        concept_bytes(concept, fmt),
+        media_type=SAFETENSORS,
+        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+    )
+
+
+@router.get("/{name}/sample", response_class=FileResponse, responses={200: {"content": {"image/png": {}}}})
+def concept_sample(name: ConceptName, request: Request, _who: Caller):
+    """The sample grid made after training ("a <name>", four seeds)."""
+    info = services_of(request).studio.concepts.info(name)
+    if info.sample is None:
+        raise NotFound(f"concept {info.name!r} has no sample image", field="name")
+    return FileResponse(info.sample, media_type="image/png")
+
+
+@router.post("", status_code=201)
+def upload_concept(
+    request: Request,
+    who: Caller,
+    file: Annotated[UploadFile, File(description="a .safetensors embedding (A1111 or diffusers layout)")],
+    name: Annotated[str | None, Form(max_length=66, description="default: the file's name")] = None,
+    model: Annotated[
+        str | None, Form(max_length=200, description="refuse the concept unless it fits this model's text encoder")
+    ] = None,
+) -> dict[str, Any]:
+    """Add a concept file to the library. Safetensors only: a pickle (.pt, .bin, or such bytes under another
+    name) is refused unread."""
+    services = services_of(request)
+    data = file.file.read(UPLOAD_MAX_BYTES + 1)
+    if len(data) > UPLOAD_MAX_BYTES:
+        raise TooLarge(
+            f"the file is over {UPLOAD_MAX_BYTES} bytes; a concept file is a few KB (is it a model or a LoRA?)",
+            field="file",
+        )
+    check = None
+    if model:
+        components = services.studio.components_for(model, allow_paths=False)
+
+        def check(concept) -> None:
+            from spellbook.engine.prompts import check_concepts
+
+            try:
+                check_concepts({concept.name: concept.vectors}, components.text_encoder, components.ref.name)
+            except UserError as error:
+                raise UserError(error.message, field="file", hint=error.hint) from None
+
+    info = services.studio.concepts.import_bytes(data, file.filename or "", name or None, check=check)
+    return view(info)
+
+
+@router.delete("/{name}", status_code=204, response_class=Response)
+def delete_concept(name: ConceptName, request: Request, who: Caller) -> Response:
+    """Remove a concept (and its sample) from the library; admins only when auth is on."""
+    services = services_of(request)
+    if services.auth and not who.admin:
+        raise Forbidden("only an admin can remove concepts", field="name")
+    services.studio.concepts.remove(name)
+    return Response(status_code=204)
+
+
+@router.post("/train", status_code=202)
+def train(
+    request: Request,
+    who: Caller,
+    name: Annotated[str, Form(min_length=1, max_length=66, description="the new word, used as <name>")],
+    images: Annotated[list[UploadFile], File(description=f"1 to {MAX_PICTURES} pictures (PNG, JPEG or WebP)")],
+    init_word: Annotated[str | None, Form(max_length=100, description="start from this word's embedding")] = None,
+    steps: Annotated[int, Form(ge=1, le=MAX_TRAIN_STEPS)] = 400,
+    vectors: Annotated[int, Form(ge=1, le=75)] = 1,
+    seed: Annotated[int, Form(ge=0, le=2**32 - 1)] = 0,
+    batch_size: Annotated[int | None, Form(ge=1, le=64, description="pictures per step (default 8)")] = None,
+    model: Annotated[str | None, Form(max_length=200, description="default: the server's default model")] = None,
+) -> dict[str, Any]:
+    """Queue the training of a new concept from pictures: a job of kind `concept`, paid in credits by its steps
+    (a step counts as three generation steps of its batch), with progress at /api/v1/jobs/{id}/events."""
+    from spellbook.concepts.train import TrainConfig
+    from spellbook.server.native import job_view
+
+    services = services_of(request)
+    services.limiter.check(who.name)
+    studio = services.studio
+    # 1. Everything that can fail is checked now, not minutes into the queue.
+    bare = check_concept_name(name)
+    studio.concepts.check_free(bare, overwrite=False)
+    if not 1 <= len(images) <= MAX_PICTURES:
+        raise UserError(f"{len(images)} pictures sent; send 1 to {MAX_PICTURES}", field="images")
+    components = studio.components_for(model or services.default_model, allow_paths=False)
+    config = TrainConfig(name=bare, vectors=vectors, steps=steps, seed=seed, batch_size=batch_size or 8)
+    if init_word and not components.tokenizer(init_word, add_special_tokens=False).input_ids:
+        raise UserError(f"init word {init_word!r} has no tokens", field="init_word")
+    # 2. The pictures, decoded under the pixel cap, kept by hash like init images.
+    pictures = []
+    for upload in images:
+        picture = decode_image_bytes(upload.file.read(), "images", services.settings.max_pixels)
+        pictures.append(studio.store_input(picture).sha256)
+    # 3. Pay and queue.
+    spec = ConceptJobSpec(
+        name=bare,
+        model=components.ref.name,
+        model_sha256=components.ref.sha256,
+        init_word=init_word or None,
+        vectors=vectors,
+        steps=steps,
+        seed=seed,
+        batch_size=batch_size,
+        pictures=tuple(pictures),
+    )
+    cost = training_cost(steps, config.batch_size, components.native_size)
+    job = services.queue.submit_task(CONCEPT_KIND, {"concept": spec.to_dict()}, owner=who.id, cost=cost)
+    services.wake()
+    return job_view(services, job)
