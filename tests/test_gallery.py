@@ -202,6 +202,21 @@ def test_filters(db, filled, home):
         gallery.search(db, "otter", limit=0)
 
 
+def test_search_pages_with_offset(db, filled):
+    for mode in ("words", "meaning", "hybrid"):
+        query = "a" if mode == "words" else "a picture"
+        whole = [r.id for r in gallery.search(db, query, mode=mode, limit=9)]
+        assert len(whole) >= 6, mode
+        pages = [[r.id for r in gallery.search(db, query, mode=mode, limit=3, offset=k)] for k in (0, 3, 6)]
+        assert pages[0] + pages[1] + pages[2] == whole, mode
+    everything = gallery.search(db, "a picture", mode="meaning", limit=20)
+    assert len(everything) == len(PROMPTS)
+    assert gallery.search(db, "a picture", mode="meaning", limit=5, offset=len(PROMPTS) - 2) == everything[-2:]
+    assert gallery.search(db, "a picture", limit=20, offset=1000) == []  # past the ranked window: an empty page
+    with pytest.raises(UserError, match="offset"):
+        gallery.search(db, "otter", offset=-1)
+
+
 @pytest.mark.parametrize(
     "query",
     [

@@ -196,6 +196,92 @@ def test_gallery_search_finds_a_generated_image_by_a_word_of_its_prompt(home, st
         sync_api.expect(detail).to_be_hidden()
 
 
+def test_gallery_filters_infinite_scroll_similar_images_publish_and_the_feed(home, studio, page):
+    with serve("tiny") as base:
+        tiny = {"steps": 2, "width": 16, "height": 16}
+        kites = run_job(base, prompt="a teal kite", sampler="Euler a", seed=100, batch_size=12, **tiny)
+        others = run_job(base, prompt="a teal kite", sampler="DDIM", seed=200, batch_size=2, **tiny)
+        kite_ids = {str(image["image_id"]) for image in kites["result"]["images"]}
+        later_id = str(others["result"]["images"][0]["image_id"])
+
+        # At phone width with two images a page: the first pages fill the screen, scrolling loads the rest.
+        page.set_viewport_size({"width": 390, "height": 600})
+        page.goto(base + "/gallery?limit=2")
+        status, more, tiles = page.locator("#status"), page.locator("#more"), page.locator("#grid .tile")
+        sync_api.expect(status).to_contain_text("No public images")
+        sync_api.expect(page.locator("#filter-sampler option", has_text="Euler a")).to_have_count(1)
+        sync_api.expect(page.locator("#filter-model option[value=tiny]")).to_have_count(1)
+        page.select_option("#mode", "words")
+        page.fill("#filter-since", "2999-01-01")
+        page.fill("#q", "kite")
+        page.press("#q", "Enter")
+        sync_api.expect(status).to_have_text("0 images for “kite” · since 2999-01-01")
+        page.fill("#filter-since", "2000-01-01")
+        page.select_option("#filter-sampler", "Euler a")
+        sync_api.expect(page).to_have_url(re.compile(r"\?q=kite&mode=words&sampler=Euler\+a&since=2000-01-01&limit=2$"))
+        sync_api.expect(more).to_have_attribute("data-state", "more")
+        page.wait_for_timeout(500)  # time for another page, were the end of the grid still in view
+        assert 2 <= tiles.count() < 12 and more.get_attribute("data-state") == "more"
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390
+        for _ in range(20):
+            if more.get_attribute("data-state") == "done":
+                break
+            page.evaluate("window.scrollTo(0, document.documentElement.scrollHeight)")
+            page.wait_for_timeout(200)
+        sync_api.expect(more).to_have_attribute("data-state", "done")
+        sync_api.expect(status).to_have_text("12 images for “kite” · Euler a · since 2000-01-01")
+        assert set(tiles.evaluate_all("tiles => tiles.map(t => t.dataset.id)")) == kite_ids  # no DDIM, no repeats
+
+        # Open a result from the keyboard; its recipe, similar images; open one of those.
+        page.set_viewport_size({"width": 1280, "height": 800})
+        first = tiles.first
+        first.focus()
+        page.keyboard.press("Enter")
+        detail = page.locator("#detail")
+        sync_api.expect(detail.locator('dd[data-field="prompt"]')).to_have_text("a teal kite")
+        sync_api.expect(detail.locator('dd[data-field="sampler"]')).to_have_text("Euler a")
+        similar = page.locator("#similar .tile")
+        sync_api.expect(similar).to_have_count(8)
+        chosen = similar.first.get_attribute("data-id")
+        assert chosen != first.get_attribute("data-id")
+        similar.first.click()
+        sync_api.expect(page.locator("#detail-title")).to_have_text(f"Image {chosen}")
+        sync_api.expect(page).to_have_url(re.compile(rf"image={chosen}$"))
+
+        # Make it public: an error from the API is shown beside the switch, then it works.
+        switch = page.locator("#visibility")
+        sync_api.expect(switch).to_have_attribute("aria-checked", "false")
+        refusal = {"error": {"code": "refused", "message": "not yours to publish", "field": "image"}}
+        page.route("**/visibility", lambda route: route.fulfill(status=403, json=refusal))
+        switch.click()
+        sync_api.expect(detail.locator('[data-error-for="visibility"]')).to_have_text("not yours to publish")
+        sync_api.expect(switch).to_have_attribute("aria-checked", "false")
+        page.unroute("**/visibility")
+        switch.click()
+        sync_api.expect(switch).to_have_attribute("aria-checked", "true")
+        sync_api.expect(detail.locator('[data-error-for="visibility"]')).to_be_hidden()
+        sync_api.expect(page.locator("#visibility-hint")).to_have_text("In the feed: everyone can see it.")
+        page.keyboard.press("Escape")
+        sync_api.expect(detail).to_be_hidden()
+        assert page.evaluate("document.activeElement.dataset.id") == first.get_attribute("data-id")
+
+        # The public feed: newest first, or most remixed first.
+        httpx.post(f"{base}/api/v1/gallery/images/{chosen}/remix", timeout=HTTP_TIMEOUT).raise_for_status()
+        httpx.post(
+            f"{base}/api/v1/gallery/images/{later_id}/visibility", json={"visibility": "public"}, timeout=HTTP_TIMEOUT
+        ).raise_for_status()
+        page.fill("#q", "")
+        page.press("#q", "Enter")
+        sync_api.expect(status).to_contain_text("The public feed, newest first.")
+        sync_api.expect(tiles).to_have_count(2)
+        assert tiles.evaluate_all("tiles => tiles.map(t => t.dataset.id)") == [later_id, chosen]
+        page.check('#feed-order input[value="remixed"]')
+        sync_api.expect(status).to_contain_text("most remixed first")
+        sync_api.expect(page).to_have_url(re.compile(r"order=remixed"))
+        sync_api.expect(tiles.first).to_have_attribute("data-id", chosen)
+        sync_api.expect(tiles).to_have_count(2)
+
+
 def test_screenshots_of_the_pages_with_the_shapes_model(home, studio, page, tmp_path):
     """Real images from the shapes model at its defaults, for the README (SPELLBOOK_SCREENSHOTS=docs)."""
     out = Path(os.environ.get("SPELLBOOK_SCREENSHOTS") or tmp_path)
@@ -217,8 +303,13 @@ def test_screenshots_of_the_pages_with_the_shapes_model(home, studio, page, tmp_
         sync_api.expect(page.locator(".tile")).to_have_count(4)
         page.locator(".tile", has_text="a yellow circle").click()
         sync_api.expect(page.locator("#detail")).to_be_visible()
+        sync_api.expect(page.locator("#similar .tile").first).to_be_visible()
         page.wait_for_function("[...document.images].every(img => img.complete && img.naturalWidth > 0)")
         page.screenshot(path=out / "ui-gallery.png")
+        # at phone width: one column, the panel above the grid, nothing wider than the screen
+        page.set_viewport_size({"width": 390, "height": 844})
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390
+        page.screenshot(path=tmp_path / "ui-gallery-phone.png", full_page=True)
     assert (out / "ui-create.png").stat().st_size > 10_000
 
 

@@ -293,21 +293,29 @@ def search(
     owner: int | str | None = None,
     viewer: int | None = None,
     limit: int = 20,
+    offset: int = 0,
 ) -> list[GalleryImage]:
-    """The gallery search: words, meaning, or both fused (the default)."""
+    """The gallery search: words, meaning, or both fused (the default).
+
+    `offset` skips that many of the best results (the next page). A search ranks at most its first
+    MAX_LIMIT results: a page beyond them is empty.
+    """
     if mode not in MODES:
         raise UserError(f"unknown search mode {mode!r}; modes are {', '.join(MODES)}", field="mode")
     _check_limit(limit)
+    if offset < 0:
+        raise UserError(f"offset must be 0 or more, got {offset}", field="offset")
     filters = Filters(model=model, sampler=sampler, since=since, owner=owner, viewer=viewer)
-    if not fts_terms(text):
-        return []  # only punctuation: nothing to look for, in words or in meaning
+    wanted = min(MAX_LIMIT, offset + limit)  # ranked from the top each time, then the page is cut out
+    if not fts_terms(text) or offset >= wanted:
+        return []  # only punctuation (nothing to look for, in words or in meaning), or a page past the window
     if mode == "words":
-        return search_words(db, text, filters, limit)
+        return search_words(db, text, filters, wanted)[offset:]
     if mode == "meaning":
-        return search_meaning(db, text, filters, limit)
+        return search_meaning(db, text, filters, wanted)[offset:]
     # Each list a little longer than asked, so an image ranked just below the cut in one list can still win.
-    depth = min(MAX_LIMIT, max(50, 2 * limit))
-    return fuse([search_words(db, text, filters, depth), search_meaning(db, text, filters, depth)], limit)
+    depth = min(MAX_LIMIT, max(50, 2 * wanted))
+    return fuse([search_words(db, text, filters, depth), search_meaning(db, text, filters, depth)], wanted)[offset:]
 
 
 # ------------------------------------------------------------------------------------------------ similar

@@ -38,10 +38,19 @@ def search(
     sampler: str | None = Query(None, max_length=60),
     since: str | None = Query(None, max_length=40, description="ISO date, e.g. 2026-11-01"),
     limit: int = Query(20, ge=1, le=200),
+    offset: int = Query(0, ge=0, le=1_000_000, description="skip this many results: the next page"),
 ) -> dict[str, Any]:
     services = services_of(request)
     found = gallery.search(
-        services.db, q, mode=mode, model=model, sampler=sampler, since=since, viewer=viewer(who), limit=limit
+        services.db,
+        q,
+        mode=mode,
+        model=model,
+        sampler=sampler,
+        since=since,
+        viewer=viewer(who),
+        limit=limit,
+        offset=offset,
     )
     return {"images": [view(image) for image in found]}
 
@@ -65,6 +74,8 @@ def show(image_id: ImageId, request: Request, who: Caller) -> dict[str, Any]:
     data = details.to_dict()
     data.update(view(details.image))
     data["parent"] = view(details.parent) if details.parent else None
+    # Whether the caller may publish or hide it (the owner; everyone when auth is off).
+    data["yours"] = who.id is None or details.image.owner == who.id
     return data
 
 
