@@ -10,8 +10,10 @@ so an image near the top of both lists wins, and neither list's raw scores need 
 from __future__ import annotations
 
 import json
+import math
 import re
 import threading
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,7 +29,7 @@ from spellbook.store.vectors import CodeIndex, load_sqlite_vec, sign_code, to_bl
 MODES = ("hybrid", "words", "meaning")
 RRF_K = 60
 MAX_LIMIT = 1000
-BROAD_MATCHES = 2000
+BROAD_MATCHES = 250  # matches ranked by bm25, newest first (see _ranked_matches)
 # Words that carry no meaning in a prompt query; dropped unless the query holds nothing else.
 STOPWORDS = frozenset(
     ("a", "an", "and", "are", "as", "at", "be", "but", "by", "for", "from", "in", "into", "is", "it", "its", "of")
@@ -138,59 +140,97 @@ def fts_query(terms: list[str]) -> str:
 
 
 def search_words(db: Database, text: str, filters: Filters = Filters(), limit: int = 20) -> list[GalleryImage]:
-    """bm25 over the prompt, every word required; when no image holds every word, those that miss one word
+    """BM25 over the prompt, every word required; when no image holds every word, those that miss one word
     ("fluffy otter in a top hat" still finds "an otter wearing a top hat").
 
-    Not an OR of the words: bm25 scores every match, and an OR with a common word ("detailed") matches
-    most of a gallery of community prompts; leaving one word out keeps each query a narrow intersection.
+    Not an OR of the words: an OR with a common word ("detailed") matches most of a gallery of community
+    prompts; leaving one word out keeps each query a narrow intersection.
     """
     _check_limit(limit)
     terms = fts_terms(text)
     if not terms:
         return []
-    found = _ranked_matches(db, fts_query(terms), filters, limit)
+    found = _ranked_matches(db, terms, filters, limit)
     if found or len(terms) == 1:
         return found
+    # Each image that misses one word is scored on the words it holds, weighted by how rare each word is,
+    # so missing "the" costs less than missing "otter".
+    weights = {term: _idf(db, term) for term in terms}
     relaxed: dict[int, GalleryImage] = {}
     for left_out in range(len(terms)):
-        for image in _ranked_matches(db, fts_query(terms[:left_out] + terms[left_out + 1 :]), filters, limit):
+        kept = terms[:left_out] + terms[left_out + 1 :]
+        for image in _ranked_matches(db, kept, filters, limit, weights):
             if image.id not in relaxed or image.score > relaxed[image.id].score:
                 relaxed[image.id] = image
-    return sorted(relaxed.values(), key=lambda image: -image.score)[:limit]
+    return sorted(relaxed.values(), key=lambda image: (-image.score, -image.id))[:limit]
 
 
-def _ranked_matches(db: Database, match: str, filters: Filters, limit: int) -> list[GalleryImage]:
-    """The best `limit` matches by bm25. A broad query (more than BROAD_MATCHES matches) is ranked among
-    its BROAD_MATCHES newest matches: bm25 costs ~1-2 us per match and has no early exit, and for a word in
-    a tenth of a million prompts its order is little more than "shortest prompt first" anyway."""
+BM25_K1, BM25_B = 1.2, 0.75  # FTS5's own bm25() constants
+
+
+def _ranked_matches(
+    db: Database, terms: list[str], filters: Filters, limit: int, weights: dict[str, float] | None = None
+) -> list[GalleryImage]:
+    """The best `limit` of the newest max(BROAD_MATCHES, limit) images whose prompt holds every term, by BM25.
+
+    FTS5 finds the matches, newest first, in one streaming pass that stops at the window's end; the score is
+    computed here, from the candidates' prompts, rather than by FTS5's bm25(). That function counts, on its
+    first call in each query, every image that holds each query word (the IDF): a full read of the word's
+    index, ~20 ms for a word in a tenth of a million prompts, paid by every query with a common word. Among
+    images that all hold every query word the IDF weighs each word the same for every candidate, so the order
+    comes from term frequency and prompt length (BM25's k1 and b, lengths relative to the candidates' mean);
+    `weights` (IDFs) are given when scores of different word sets are compared.
+    """
     where, params = filter_sql(db, filters)
-    window = db.execute(
-        "SELECT rowid FROM images_fts WHERE images_fts MATCH ? ORDER BY rowid DESC LIMIT 1 OFFSET ?",
-        (match, BROAD_MATCHES - 1),
-    ).fetchone()
+    window = max(BROAD_MATCHES, limit)
+    if where == "1":
+        sql = "SELECT rowid FROM images_fts WHERE images_fts MATCH ? ORDER BY rowid DESC LIMIT ?"
+        values: list = [fts_query(terms), window]
+    else:
+        sql = (
+            "SELECT i.id FROM images_fts JOIN images i ON i.id = images_fts.rowid "
+            f"WHERE images_fts MATCH ? AND {where} ORDER BY images_fts.rowid DESC LIMIT ?"
+        )
+        values = [fts_query(terms), *params, window]
+    ids = [row[0] for row in db.execute(sql, values).fetchall()]
+    if not ids:
+        return []
+    prompts = db.execute(f"SELECT id, prompt FROM images WHERE id IN ({','.join('?' * len(ids))})", ids).fetchall()
+    words = [_WORD.findall((prompt or "").lower()) for _, prompt in prompts]
+    mean_length = max(1.0, sum(len(w) for w in words) / len(words))
+    scores = {}
+    for (image_id, _), prompt_words in zip(prompts, words, strict=True):
+        norm = BM25_K1 * (1 - BM25_B + BM25_B * len(prompt_words) / mean_length)
+        score = 0.0
+        for term in terms:
+            tf = max(1, prompt_words.count(term))  # FTS5 matched it (perhaps as another form of the word)
+            score += (weights[term] if weights else 1.0) * tf * (BM25_K1 + 1) / (tf + norm)
+        scores[image_id] = round(score, 6)
+    best = sorted(scores, key=lambda image_id: (-scores[image_id], -image_id))[:limit]
+    rows = db.execute(f"SELECT {IMAGE_COLUMNS} FROM images i WHERE i.id IN ({','.join('?' * len(best))})", best)
     home = home_of(db)
-    for oldest in (window[0], None) if window else (None,):
-        # Rank in an inner query that reads only ids (and the filter columns when there are filters), then
-        # fetch the full rows of the few returned.
-        conditions = ["images_fts MATCH ?"] + (["images_fts.rowid >= ?"] if oldest is not None else [])
-        values = [match] + ([oldest] if oldest is not None else [])
-        if where == "1":
-            ranked = f"SELECT rowid AS id, bm25(images_fts) AS rank FROM images_fts WHERE {' AND '.join(conditions)}"
-        else:
-            ranked = (
-                "SELECT i.id AS id, bm25(images_fts) AS rank FROM images_fts JOIN images i ON i.id = images_fts.rowid "
-                f"WHERE {' AND '.join(conditions)} AND {where}"
-            )
-            values += params
-        rows = db.execute(
-            f"SELECT {IMAGE_COLUMNS}, -f.rank AS score FROM ({ranked} ORDER BY rank LIMIT ?) AS f "
-            "JOIN images i ON i.id = f.id ORDER BY f.rank",
-            [*values, limit],
-        ).fetchall()
-        # Narrow filters may leave too few in the window: then rank every match.
-        if len(rows) >= limit or oldest is None:
-            return [GalleryImage.from_row(row, home, row["score"]) for row in rows]
-    return []
+    found = [GalleryImage.from_row(row, home, scores[row["id"]]) for row in rows.fetchall()]
+    return sorted(found, key=lambda image: (-image.score, -image.id))
+
+
+_IDF_CACHE: dict[tuple[str, str], tuple[float, float]] = {}
+_IDF_SECONDS = 600.0
+
+
+def _idf(db: Database, term: str) -> float:
+    """BM25's inverse document frequency of a word in prompts, as FTS5 computes it; cached for ten minutes
+    (counting a common word reads its whole index entry, and a slightly stale count ranks the same)."""
+    key, now = (str(db.path), term), time.monotonic()
+    cached = _IDF_CACHE.get(key)
+    if cached and now - cached[1] < _IDF_SECONDS:
+        return cached[0]
+    total = db.execute("SELECT count(*) FROM images").fetchone()[0]
+    having = db.execute("SELECT count(*) FROM images_fts WHERE images_fts MATCH ?", (fts_query([term]),)).fetchone()[0]
+    idf = max(1e-6, math.log((total - having + 0.5) / (having + 0.5)))
+    if len(_IDF_CACHE) > 100_000:
+        _IDF_CACHE.clear()
+    _IDF_CACHE[key] = (idf, now)
+    return idf
 
 
 # --------------------------------------------------------------------------------------------- meaning
