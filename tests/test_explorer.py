@@ -188,6 +188,11 @@ def test_phrase_and_artist_counts_are_exact(small_db):
         assert explorer.search("rutkowski greg").count == 4  # all words, any order
         assert explorer.search("castle").count == 4  # "castles" is another word: no stemming
         assert explorer.search("DALI").count == 3  # case and diacritics folded
+        # Stop words are left out of an all-words search, not out of a phrase.
+        assert explorer.search("castle at night").count == 2  # "castle" and "night"
+        assert explorer.search("castle in the night").count == 2  # no caption has "in": still found
+        assert explorer.search("castle in the night", phrase=True).count == 0
+        assert explorer.search("by").count == 2  # only stop words: searched as they are
         artists = {a.artist: a.count for a in explorer.artists(min_count=1)}
         assert artists == {"Greg Rutkowski": 3, "Salvador Dalí": 3}
         link = explorer.prompt("a (castle:1.3) by greg rutkowski, [trending on artstation], ((otter))")

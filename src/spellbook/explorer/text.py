@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 
+from spellbook.stopwords import without_stopwords
+
 _WORD = re.compile(r"[^\W_]+")
 
 
@@ -30,10 +32,16 @@ def fts_phrase(text: str) -> str | None:
     return '"' + " ".join(tokens) + '"' if tokens else None
 
 
+def search_words(text: str) -> list[str]:
+    """The words a search for `text` requires: its tokens, once each, less stop words (unless only stop words)."""
+    return without_stopwords(list(dict.fromkeys(words(text))))
+
+
 def fts_all_words(text: str) -> str | None:
-    """An FTS5 query matching captions that contain every word of `text`, in any order (Datasette's search)."""
-    tokens = words(text)
-    return " ".join(f'"{t}"' for t in dict.fromkeys(tokens)) if tokens else None
+    """An FTS5 query matching captions that contain every word of `text` but stop words, in any order (as
+    Datasette's search box does, less the stop words: see spellbook/stopwords.py)."""
+    tokens = search_words(text)
+    return " ".join(f'"{t}"' for t in tokens) if tokens else None
 
 
 # ------------------------------------------------------------------------------------------------- artists

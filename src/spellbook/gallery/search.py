@@ -23,6 +23,7 @@ import numpy as np
 
 from spellbook.errors import NotFound, UserError
 from spellbook.gallery.records import IMAGE_COLUMNS, GalleryImage
+from spellbook.stopwords import without_stopwords
 from spellbook.store.db import Database
 from spellbook.store.vectors import CodeIndex, load_sqlite_vec, sign_code, to_blob
 
@@ -31,10 +32,6 @@ RRF_K = 60
 MAX_LIMIT = 1000
 BROAD_MATCHES = 250  # matches ranked by bm25, newest first (see _ranked_matches)
 # Words that carry no meaning in a prompt query; dropped unless the query holds nothing else.
-STOPWORDS = frozenset(
-    ("a", "an", "and", "are", "as", "at", "be", "but", "by", "for", "from", "in", "into", "is", "it", "its", "of")
-    + ("on", "or", "the", "this", "to", "was", "with")
-)
 _WORD = re.compile(r"\w+")
 
 
@@ -131,7 +128,7 @@ def fts_terms(text: str) -> list[str]:
     """
     words = list(dict.fromkeys(w.lower() for w in _WORD.findall(text)))
     words = [w for w in words if not w.isdigit()] or words
-    return [w for w in words if w not in STOPWORDS] or words
+    return without_stopwords(words)
 
 
 def fts_query(terms: list[str]) -> str:
