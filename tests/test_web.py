@@ -12,10 +12,7 @@ import io
 import math
 import os
 import re
-import socket
-import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -23,70 +20,25 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from spellbook.server.app import build_services, create_app
 from spellbook.settings import Settings
+from webtools import checked_page, launched_browser, needs_chromium, serve
 
-CHROMIUM = Path("/usr/bin/chromium")
 HTTP_TIMEOUT = 120  # the first job of a model loads it, slow on a busy machine
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-]
-
-pytestmark = pytest.mark.skipif(
-    not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium (scripts/system-deps.sh installs it)"
-)
+pytestmark = needs_chromium
 sync_api = pytest.importorskip("playwright.sync_api", reason="needs the playwright Python package")
 sync_api.expect.set_options(timeout=60_000)  # a first generation loads the model
 
 
-@contextmanager
-def serve(default_model: str, **settings_overrides):
-    """A real uvicorn server for the test home, on a free loopback port, in a thread; yields its base URL."""
-    import uvicorn
-
-    settings = Settings.from_env(**settings_overrides)
-    services = build_services(settings)
-    services.default_model = default_model
-    app = create_app(settings, services=services)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not server.started:
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.05)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-
-
 @pytest.fixture(scope="module")
 def browser():
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+    with launched_browser() as browser:
         yield browser
-        browser.close()
 
 
 @pytest.fixture
 def page(browser):
-    context = browser.new_context(viewport={"width": 1280, "height": 800})
-    page = context.new_page()
-    page.set_default_timeout(60_000)
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    yield page
-    context.close()
-    assert not errors, f"JavaScript errors on the page: {errors}"
+    with checked_page(browser) as page:
+        yield page
 
 
 def run_job(base: str, **request) -> dict:

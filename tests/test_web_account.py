@@ -9,10 +9,6 @@ from __future__ import annotations
 import io
 import os
 import re
-import socket
-import threading
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -23,53 +19,15 @@ from PIL import Image
 from safetensors.torch import load
 
 from spellbook.concepts.formats import A1111, Concept, concept_bytes
-from spellbook.server.app import build_services, create_app
 from spellbook.settings import Settings
 from spellbook.store.accounts import Accounts
 from spellbook.store.db import Database
+from webtools import checked_page, launched_browser, needs_chromium, serve
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-]
-
-pytestmark = pytest.mark.skipif(
-    not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium (scripts/system-deps.sh installs it)"
-)
+pytestmark = needs_chromium
 sync_api = pytest.importorskip("playwright.sync_api", reason="needs the playwright Python package")
 sync_api.expect.set_options(timeout=60_000)  # a first training loads the model
 expect = sync_api.expect
-
-
-@contextmanager
-def serve(default_model: str, **settings_overrides):
-    """A real uvicorn server for the test home, on a free loopback port, in a thread; yields its base URL.
-    Short leases: a cancelled training is noticed by its worker within half a second."""
-    import uvicorn
-
-    settings = Settings.from_env(lease_seconds=2, **settings_overrides)
-    services = build_services(settings)
-    services.default_model = default_model
-    app = create_app(settings, services=services)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not server.started:
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.05)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 @pytest.fixture(autouse=True)
@@ -84,22 +42,14 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def browser():
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+    with launched_browser() as browser:
         yield browser
-        browser.close()
 
 
 @pytest.fixture
 def page(browser):
-    context = browser.new_context(viewport={"width": 1280, "height": 800}, accept_downloads=True)
-    page = context.new_page()
-    page.set_default_timeout(60_000)
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    yield page
-    context.close()
-    assert not errors, f"JavaScript errors on the page: {errors}"
+    with checked_page(browser, accept_downloads=True) as page:
+        yield page
 
 
 @pytest.fixture
@@ -141,7 +91,7 @@ def test_password_sign_in_shows_balance_and_ledger_and_sign_out_ends_the_session
     accounts.add_user("dora", password="correct horse battery")
     accounts.grant("dora", 25, note="starter credits")
     api_token = accounts.create_token("dora", "script")
-    with serve("tiny", auth="on") as base:
+    with serve("tiny", auth="on", lease_seconds=2) as base:  # short leases: a cancel is seen fast
         job = httpx.post(
             f"{base}/api/v1/jobs",
             json={"prompt": "a red circle", "steps": 2},
@@ -179,7 +129,7 @@ def test_password_sign_in_shows_balance_and_ledger_and_sign_out_ends_the_session
 
 def test_concepts_page_uploads_lists_downloads_trains_and_deletes(home, studio, page):
     data = concept_file("charlie", n=2)
-    with serve("tiny") as base:
+    with serve("tiny", lease_seconds=2) as base:
         page.goto(base + "/concepts")
         expect(page.locator("#status")).to_contain_text("No concepts yet")
         # Upload a concept file: it is listed with its shape and model.
@@ -238,7 +188,7 @@ def test_screenshot_of_the_concepts_page_with_the_shapes_model(home, page, scree
         buffer = io.BytesIO()
         Image.fromarray(world.render(scene, rng)).save(buffer, format="PNG")
         pictures.append(file_input(f"{i}.png", buffer.getvalue(), "image/png"))
-    with serve("shapes") as base:
+    with serve("shapes", lease_seconds=2) as base:
         page.goto(base + "/concepts")
         page.set_input_files(
             "#upload-file", files=[file_input("sparkle.safetensors", concept_file("x", 2, 64, "shapes"))]

@@ -10,9 +10,12 @@ export class ApiError extends Error {
   }
 }
 
+// `body`: an object sent as JSON, or a FormData (files) sent as multipart.
 export async function api(path, { method = "GET", body } = {}) {
   const options = { method, headers: { Accept: "application/json" }, credentials: "same-origin" };
-  if (body !== undefined) {
+  if (body instanceof FormData) {
+    options.body = body; // the browser sets the multipart Content-Type with its boundary
+  } else if (body !== undefined) {
     options.headers["Content-Type"] = "application/json";
     options.body = JSON.stringify(body);
   }

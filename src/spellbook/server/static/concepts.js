@@ -17,22 +17,6 @@ const trainStatus = document.getElementById("train-status");
 let admin = false;
 let training = null; // { id, events }
 
-// A multipart request (files), with the same errors as api().
-async function send(path, formData) {
-  let response;
-  try {
-    response = await fetch(path, { method: "POST", body: formData, credentials: "same-origin", headers: { Accept: "application/json" } });
-  } catch (err) {
-    throw new ApiError(0, "network", `cannot reach the server: ${err.message}`, null);
-  }
-  const data = await response.json().catch(() => null);
-  if (!response.ok) {
-    const error = (data && data.error) || {};
-    throw new ApiError(response.status, error.code || "http", error.message || `HTTP ${response.status}`, error.field);
-  }
-  return data;
-}
-
 function formatSize(bytes) {
   return bytes < 1024 ? `${bytes} B` : `${(bytes / 1024).toFixed(1)} KB`;
 }
@@ -138,7 +122,7 @@ uploadForm.addEventListener("submit", async (event) => {
   const name = uploadForm.elements.name.value.trim();
   if (name) data.append("name", name);
   try {
-    const concept = await send("/api/v1/concepts", data);
+    const concept = await api("/api/v1/concepts", { method: "POST", body: data });
     uploadForm.reset();
     await load();
     status.textContent = `Added <${concept.name}>: ${concept.vectors} vector(s) × ${concept.dims}.`;
@@ -172,7 +156,7 @@ trainForm.addEventListener("submit", async (event) => {
   for (const picture of trainForm.elements.images.files) data.append("images", picture);
   let job;
   try {
-    job = await send("/api/v1/concepts/train", data);
+    job = await api("/api/v1/concepts/train", { method: "POST", body: data });
   } catch (err) {
     showError(trainForm, err);
     return;
