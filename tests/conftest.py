@@ -63,3 +63,27 @@ def studio(home, tiny_model_dir):
     s = Studio(Settings.from_env())
     s.cache.registry.add(tiny_model_dir, "tiny")
     return s
+
+
+@pytest.fixture
+def make_client(home, studio):
+    """A TestClient over a fresh app on the test home (the tiny model registered as `tiny`, and the default)."""
+    from fastapi.testclient import TestClient
+
+    from spellbook.server.app import build_services, create_app
+    from spellbook.settings import Settings
+
+    clients = []
+
+    def make(start_worker=True, **settings):
+        s = Settings.from_env(**settings)
+        services = build_services(s, start_worker=start_worker)
+        services.default_model = "tiny"
+        client = TestClient(create_app(s, services=services))
+        client.__enter__()
+        clients.append(client)
+        return client, services
+
+    yield make
+    for client in clients:
+        client.__exit__(None, None, None)

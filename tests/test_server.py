@@ -5,19 +5,18 @@ from __future__ import annotations
 import base64
 import io
 import struct
-import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from fastapi.testclient import TestClient
 from PIL import Image
 
 from spellbook.errors import UserError
 from spellbook.provenance import read_metadata
-from spellbook.server.app import build_services, create_app
+from spellbook.server.app import build_services
 from spellbook.settings import Settings
+from webtools import serve
 
 
 def wait_done(client, job_id, headers=None, timeout=120):
@@ -34,25 +33,6 @@ def png_b64(image: Image.Image) -> str:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode()
-
-
-@pytest.fixture
-def make_client(home, studio):
-    """A TestClient over a fresh app on the test home (the tiny model registered as `tiny`)."""
-    clients = []
-
-    def make(start_worker=True, **settings):
-        s = Settings.from_env(**settings)
-        services = build_services(s, start_worker=start_worker)
-        services.default_model = "tiny"
-        client = TestClient(create_app(s, services=services))
-        client.__enter__()
-        clients.append(client)
-        return client, services
-
-    yield make
-    for client in clients:
-        client.__exit__(None, None, None)
 
 
 def test_a_job_runs_and_its_png_carries_the_recipe(make_client, home):
@@ -232,24 +212,10 @@ def test_a_batched_group_matches_separate_runs(make_client, home):
 
 
 def test_webuiapi_client_works_unchanged(home, studio, tmp_path):
-    import socket
-
-    import uvicorn
     import webuiapi
 
-    settings = Settings.from_env()
-    services = build_services(settings)
-    services.default_model = "tiny"
-    app = create_app(settings, services=services)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        while not server.started:
-            time.sleep(0.05)
+    with serve("tiny") as base:
+        port = int(base.rsplit(":", 1)[1])
         api = webuiapi.WebUIApi(host="127.0.0.1", port=port, sampler="Euler a", steps=3)
         result = api.txt2img(prompt="a red circle", seed=42, width=16, height=16, batch_size=2)
         assert len(result.images) == 2 and result.info["all_seeds"] == [42, 43]
@@ -266,9 +232,6 @@ def test_webuiapi_client_works_unchanged(home, studio, tmp_path):
         assert api.get_options()["sd_model_checkpoint"].startswith("tiny [")
         assert {s["name"] for s in api.get_samplers()} >= {"Euler a", "DPM++ 2M"}
         assert "progress" in api.get_progress()
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 def test_finished_jobs_are_searchable_and_private_until_published(make_client, home):

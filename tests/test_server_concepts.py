@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -12,12 +13,10 @@ import time
 import numpy as np
 import pytest
 import torch
-from fastapi.testclient import TestClient
 from PIL import Image
 from safetensors.torch import load
 
 from spellbook.concepts.formats import A1111, DIFFUSERS, Concept, concept_bytes
-from spellbook.server.app import build_services, create_app
 from spellbook.server.concept_routes import UPLOAD_MAX_BYTES
 from spellbook.settings import Settings
 from spellbook.store.accounts import Accounts
@@ -36,22 +35,9 @@ def one_thread():
 
 
 @pytest.fixture
-def make_client(home, studio):
-    """A TestClient over a fresh app on the test home (tiny model as default); short leases: a cancel is seen fast."""
-    clients = []
-
-    def make(start_worker=True, **settings):
-        s = Settings.from_env(lease_seconds=2, **settings)
-        services = build_services(s, start_worker=start_worker)
-        services.default_model = "tiny"
-        client = TestClient(create_app(s, services=services))
-        client.__enter__()
-        clients.append(client)
-        return client, services
-
-    yield make
-    for client in clients:
-        client.__exit__(None, None, None)
+def make_client(make_client):
+    """The shared TestClient factory (conftest.py) with short leases: a cancelled training is seen fast."""
+    return functools.partial(make_client, lease_seconds=2)
 
 
 def concept_file(name: str = "charlie", n: int = 1, width: int = WIDTH, fmt: str = A1111, seed: int = 0) -> bytes:
