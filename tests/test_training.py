@@ -11,7 +11,7 @@ TINY_RUN = {
     "batch_size": 4,
     "vae_iterations": 2,
     "unet_iterations": 4,
-    "unet_restart_at": 2,  # a warm restart inside the run, so a resume across it is checked too
+    "unet_restarts": ((2, 5e-4),),  # a warm restart inside the run, so a resume across it is checked too
     "restart_warmup": 1,
     "decoder_iterations": 1,
     "warmup": 1,
@@ -54,12 +54,23 @@ def test_resumed_run_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_the_unet_learning_rate_restarts_with_a_warm_up_and_both_cycles_decay():
-    config = TrainConfig()  # the shipped schedule: 1e-3 to 1600, restart at 5e-4 to 3200
+def test_the_unet_learning_rate_restarts_with_a_warm_up_and_every_cycle_decays():
+    config = TrainConfig(unet_iterations=5200, unet_restarts=((1600, 5e-4), (3200, 2.5e-4)))
     lrs = [unet_lr_at(step, config) for step in range(config.unet_iterations)]
-    restart = config.unet_restart_at
     assert lrs[config.warmup] == pytest.approx(config.unet_lr)
-    assert lrs[restart - 1] == pytest.approx(0.05 * config.unet_lr, rel=0.01)  # first cycle ends decayed
-    assert lrs[restart] == pytest.approx(config.unet_restart_lr / config.restart_warmup)  # warm-up from ~0
-    assert max(lrs[restart:]) == pytest.approx(config.unet_restart_lr, rel=0.01)
-    assert lrs[-1] == pytest.approx(0.05 * config.unet_restart_lr, rel=0.01)
+    for (start, peak), end in (((0, config.unet_lr), 1600), ((1600, 5e-4), 3200), ((3200, 2.5e-4), 5200)):
+        assert lrs[end - 1] == pytest.approx(0.05 * peak, rel=0.01)  # each cycle ends decayed
+        assert max(lrs[start:end]) == pytest.approx(peak, rel=0.01)
+        if start:
+            assert lrs[start] == pytest.approx(peak / config.restart_warmup)  # warm-up from ~0
+
+
+def test_checkpoints_with_a_single_restart_still_load(tmp_path):
+    trainer = Trainer(tmp_path, TrainConfig(**TINY_RUN), log=lambda m: None)
+    trainer.save_checkpoint()
+    payload = torch.load(trainer.checkpoint_path, weights_only=True)
+    del payload["config"]["unet_restarts"]
+    payload["config"].update(unet_restart_at=3, unet_restart_lr=1e-4)
+    torch.save(payload, trainer.checkpoint_path)
+    trainer.load_checkpoint()
+    assert trainer.config.unet_restarts == ((3, 1e-4),)

@@ -55,13 +55,12 @@ class TrainConfig:
     full_captions_until: int = 1000
     high_t_share: float = 0.3
     posterior_mean: bool = True
-    # shapes-v2: a warm restart of the UNet phase at `unet_restart_at` (0: none). The first cycle ends there
-    # (cosine to 5 %); then a fresh AdamW, `restart_warmup` steps of linear warm-up into a second cosine
-    # from `unet_restart_lr` to 5 % at the end. The EMA goes on through it. At 1600 iterations the model had
-    # learned position but confused shapes on held-out combinations (all-correct 0.75 / 0.55); the second
+    # Warm restarts of the UNet phase, (iteration, peak learning rate) each: the cycle before ends there
+    # (cosine to 5 %); then a fresh AdamW, `restart_warmup` steps of linear warm-up into the next cosine, which
+    # ends at the next restart or at the end. The EMA goes on through them. At 1600 iterations shapes-v2 had
+    # learned position but confused shapes on held-out combinations (all-correct 0.75 / 0.55); its second
     # cycle took it to 1.0 / 0.8 (docs/shapes-model.md).
-    unet_restart_at: int = 1600
-    unet_restart_lr: float = 5e-4
+    unet_restarts: tuple[tuple[int, float], ...] = ((1600, 5e-4),)
     restart_warmup: int = 100
 
 
@@ -86,14 +85,26 @@ def lr_at(step: int, total: int, peak: float, warmup: int, constant_until: int =
 
 
 def unet_lr_at(step: int, config: TrainConfig) -> float:
-    """The UNet phase's learning rate: one `lr_at` cycle, or two around a warm restart."""
-    restart, total = config.unet_restart_at, config.unet_iterations
-    if not 0 < restart < total:
-        return lr_at(step, total, config.unet_lr, config.warmup, config.unet_constant_until)
-    if step < restart:
-        return lr_at(step, restart, config.unet_lr, config.warmup, config.unet_constant_until)
-    ramp = min(1.0, (step - restart + 1) / max(config.restart_warmup, 1))
-    return ramp * lr_at(step, total, config.unet_restart_lr, 0, restart)
+    """The UNet phase's learning rate: the first `lr_at` cycle, then one cycle after each warm restart."""
+    total = config.unet_iterations
+    restarts = sorted((at, lr) for at, lr in config.unet_restarts if 0 < at < total)
+    ends = [at for at, _ in restarts] + [total]
+    if step < ends[0]:
+        return lr_at(step, ends[0], config.unet_lr, config.warmup, config.unet_constant_until)
+    for (start, peak), end in zip(restarts, ends[1:], strict=True):
+        if step < end:
+            ramp = min(1.0, (step - start + 1) / max(config.restart_warmup, 1))
+            return ramp * lr_at(step, end, peak, 0, start)
+    return lr_at(total, total, config.unet_lr, config.warmup)  # past the end: the floor
+
+
+def _restarts_of(config: dict) -> tuple[tuple[int, float], ...]:
+    """A checkpoint's restarts: a list of pairs, the single restart of this session's first format, or none."""
+    if "unet_restarts" in config:
+        return tuple((int(at), float(lr)) for at, lr in config["unet_restarts"])
+    at = config.pop("unet_restart_at", 0)
+    lr = config.pop("unet_restart_lr", 5e-4)
+    return ((int(at), float(lr)),) if at else ()
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -143,7 +154,9 @@ class Trainer:
         # Our own file, and still loaded with weights_only=True: tensors and plain containers only.
         payload = torch.load(self.checkpoint_path, weights_only=True)
         # A resumed run goes on with the settings it started with (checkpoints older than the warm restart had none).
-        self.config = TrainConfig(**{"unet_restart_at": 0, **payload["config"]})
+        config = dict(payload["config"])
+        config["unet_restarts"] = _restarts_of(config)  # older checkpoints: one restart or none
+        self.config = TrainConfig(**config)
         self.state = TrainState(**payload["state"])
         self.vae.load_state_dict(payload["vae"])
         self.text_encoder.load_state_dict(payload["text_encoder"])
@@ -198,8 +211,8 @@ class Trainer:
         """A fresh AdamW over the same parameters (no moment estimates carried over); the EMA is kept."""
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.optimizer = torch.optim.AdamW(
-            params, lr=self.config.unet_restart_lr, weight_decay=self.config.weight_decay
-        )
+            params, lr=self.config.unet_lr, weight_decay=self.config.weight_decay
+        )  # its learning rate is set before every step (unet_lr_at)
 
     def _total(self, phase: str) -> int:
         return {
@@ -289,7 +302,7 @@ class Trainer:
                     return False
                 started = time.monotonic()
                 step = self.state.step
-                if phase == "unet" and step == self.config.unet_restart_at:
+                if phase == "unet" and step in {at for at, _ in self.config.unet_restarts}:
                     self._restart_optimizer()  # before the first step of the second cycle (also on a resume)
                 for group in self.optimizer.param_groups:
                     if phase == "unet":
@@ -406,11 +419,10 @@ def export_model(trainer: Trainer, model_dir: Path, defaults: dict | None = None
 def model_card(trainer: Trainer) -> str:
     cfg, state = trainer.config, trainer.state
     last = state.curve[-1] if state.curve else {}
-    restart = (
-        f" to {cfg.unet_restart_at}, then a warm restart (fresh AdamW, {cfg.restart_warmup}-step warm-up to "
-        f"{cfg.unet_restart_lr}, cosine decay to the end; EMA kept)"
-        if 0 < cfg.unet_restart_at < cfg.unet_iterations
-        else ""
+    restart = "".join(
+        f"; at {at} a warm restart (fresh AdamW, {cfg.restart_warmup}-step warm-up to {lr}, cosine decay to 5 %)"
+        for at, lr in sorted(cfg.unet_restarts)
+        if 0 < at < cfg.unet_iterations
     )
     return f"""# shapes — Spellbook's embedded Stable Diffusion model
 
