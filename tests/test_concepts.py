@@ -431,7 +431,7 @@ def test_cli_train_list_info_export_import_rm(studio, pictures, tmp_path, capsys
 # Measured (docs/concepts.md): with 8 pictures and the default templates ("a {}"), batch 16, lr 5e-3, a concept
 # `wedge` learned from triangles is drawn as a triangle in 35/36 judged images after 100 steps (36/36 after 200),
 # with colour 36/36 and background 36/36 right: the concept composes with the words around it.
-# (Measured on shapes-v1; the test passes unchanged on shapes-v2, which has the same VAE.)
+# (Measured on shapes-v1; the test passes unchanged on shapes-v2 and v3, which have the same VAE.)
 # `cross` and `heart` (never drawn in the shapes model's training) are not learnable on the shapes model: its VAE,
 # trained on circles, squares and triangles only, decodes a cross as a diamond (3/24 crosses survive an
 # encode/decode round trip), and its UNet draws circles for every heart embedding tried (<= 2/36 hearts after

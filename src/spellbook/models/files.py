@@ -15,4 +15,4 @@ def bundled_tokenizer_dir() -> Path:
 
 def bundled_shapes_model_dir() -> Path:
     """The embedded default model `shapes` (a diffusers folder)."""
-    return PACKAGE_DIR / "toy" / "weights" / "shapes-v2"
+    return PACKAGE_DIR / "toy" / "weights" / "shapes-v3"

@@ -33,7 +33,7 @@ class TrainConfig:
     batch_size: int = 64
     vae_iterations: int = 900
     vae_lr: float = 2e-3
-    unet_iterations: int = 3200
+    unet_iterations: int = 5200
     unet_lr: float = 1e-3
     decoder_iterations: int = 600
     decoder_lr: float = 5e-4
@@ -59,8 +59,8 @@ class TrainConfig:
     # (cosine to 5 %); then a fresh AdamW, `restart_warmup` steps of linear warm-up into the next cosine, which
     # ends at the next restart or at the end. The EMA goes on through them. At 1600 iterations shapes-v2 had
     # learned position but confused shapes on held-out combinations (all-correct 0.75 / 0.55); its second
-    # cycle took it to 1.0 / 0.8 (docs/shapes-model.md).
-    unet_restarts: tuple[tuple[int, float], ...] = ((1600, 5e-4),)
+    # cycle took it to 1.0 / 0.8, and a third (shapes-v3) to 1.0 / 0.95 (docs/shapes-model.md).
+    unet_restarts: tuple[tuple[int, float], ...] = ((1600, 5e-4), (3200, 2.5e-4))
     restart_warmup: int = 100
 
 
