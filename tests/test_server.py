@@ -5,28 +5,18 @@ from __future__ import annotations
 import base64
 import io
 import struct
-import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from PIL import Image
 
+from jobwait import wait_done
 from spellbook.errors import UserError
 from spellbook.provenance import read_metadata
 from spellbook.server.app import build_services
 from spellbook.settings import Settings
 from webtools import serve
-
-
-def wait_done(client, job_id, headers=None, timeout=120):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = client.get(f"/api/v1/jobs/{job_id}", headers=headers).json()
-        if job["state"] in ("done", "failed", "cancelled"):
-            return job
-        time.sleep(0.05)
-    raise AssertionError(f"job {job_id} did not finish: {job}")
 
 
 def png_b64(image: Image.Image) -> str:

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load
 
+from jobwait import wait_done
 from spellbook.concepts.formats import A1111, DIFFUSERS, Concept, concept_bytes
 from spellbook.server.concept_routes import UPLOAD_MAX_BYTES
 from spellbook.settings import Settings
@@ -64,16 +65,6 @@ def train(client, headers=None, pictures=3, **fields):
     return client.post(
         "/api/v1/concepts/train", data={k: str(v) for k, v in data.items()}, files=files, headers=headers
     )
-
-
-def wait_final(client, job_id, headers=None, timeout=120):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = client.get(f"/api/v1/jobs/{job_id}", headers=headers).json()
-        if job["state"] in ("done", "failed", "cancelled"):
-            return job
-        time.sleep(0.05)
-    raise AssertionError(f"job {job_id} did not finish: {job}")
 
 
 def users(*names, admin=(), credits=100):
@@ -282,7 +273,7 @@ def test_a_training_left_running_by_a_dead_server_runs_again_after_restart(make_
     job = train(client).json()
     assert [j.id for j in services.queue.lease("embedded:dead-host:1:gone")] == [job["id"]]
     restarted, _ = make_client()
-    done = wait_final(restarted, job["id"])
+    done = wait_done(restarted, job["id"])
     assert done["state"] == "done" and done["attempts"] == 2
     assert restarted.get("/api/v1/concepts/blob").status_code == 200
 
@@ -364,7 +355,7 @@ def test_scale_out_workers_train_concepts_too(make_client, home, tiny_model_dir,
             client, services = make_client(broker=broker)
             assert services.dispatcher is not None and services.worker is None
             job = train(client).json()
-            done = wait_final(client, job["id"])
+            done = wait_done(client, job["id"])
             assert done["state"] == "done" and done["result"]["steps"] == 4, done
         concept = client.get("/api/v1/concepts/blob").json()
         assert concept["sha256"] == done["result"]["concept"]["sha256"] and concept["sample"]
