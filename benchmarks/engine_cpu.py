@@ -20,12 +20,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel
 
 from spellbook.engine.pipeline import generate
 from spellbook.engine.samplers import make_scheduler
 from spellbook.models.components import Components
-from spellbook.models.files import CONFIGS_DIR
+from spellbook.models.files import CONFIGS_DIR, load_clip_tokenizer
 from spellbook.recipe import ModelRef, make_recipe
 
 
@@ -41,7 +41,7 @@ def sd15_components() -> Components:
     return Components(
         vae,
         text_encoder,
-        CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+        load_clip_tokenizer(folder / "tokenizer"),
         unet,
         scheduler_config,
         ModelRef("sd15-random", ""),

@@ -37,8 +37,8 @@ def score(studio: Studio, prompts: list[str], seeds: int, overrides: dict) -> di
         for start in range(0, len(prompts), batch):
             for offset, prompt in enumerate(prompts[start : start + batch]):
                 request = {"prompt": prompt, "seed": 10_000 * seed + start + offset, **overrides}
-                recipe, inputs, components = studio.prepare(request)
-                image = studio.run(recipe, inputs, components)[0].image
+                recipe = studio.plan(request)
+                image = studio.run(recipe)[0].image
                 matches = judge_trained(image).matches(**attributes_of(prompt))
                 for key, ok in matches.items():
                     per_attribute.setdefault(key, []).append(ok)

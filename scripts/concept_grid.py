@@ -60,8 +60,8 @@ def grid(name: str, pictures: Path, out: Path, with_round_trip: bool) -> None:
     if with_round_trip:
         rows.append(("the same, through the VAE", round_trip(studio, training)))
     for prompt in PROMPTS:
-        recipe, inputs, components = studio.prepare({"prompt": prompt.format(name), "seed": 0, "batch_size": COLUMNS})
-        rows.append((prompt.format(name), [r.image for r in studio.run(recipe, inputs, components)]))
+        recipe = studio.plan({"prompt": prompt.format(name), "seed": 0, "batch_size": COLUMNS})
+        rows.append((prompt.format(name), [r.image for r in studio.run(recipe)]))
     sheet = Image.new("RGB", (LABEL + COLUMNS * CELL, len(rows) * CELL), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
     for row, (label, images) in enumerate(rows):

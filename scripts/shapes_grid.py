@@ -30,8 +30,8 @@ def main(out: str) -> None:
     draw = ImageDraw.Draw(grid)
     held = {s.caption() for s in world.held_out_scenes()}
     for row, prompt in enumerate(PROMPTS):
-        recipe, inputs, components = studio.prepare({"prompt": prompt, "seed": 0, "batch_size": SEEDS})
-        for col, result in enumerate(studio.run(recipe, inputs, components)):
+        recipe = studio.plan({"prompt": prompt, "seed": 0, "batch_size": SEEDS})
+        for col, result in enumerate(studio.run(recipe)):
             grid.paste(
                 result.image.resize((CELL - 4, CELL - 4), Image.NEAREST), (label_width + col * CELL + 2, row * CELL + 2)
             )

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-from tiny import tiny_components
+from tiny import tiny_components  # tests/ is on sys.path: pyproject's [tool.pytest.ini_options] pythonpath
 
 
 @pytest.fixture(scope="session")

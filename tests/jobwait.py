@@ -14,3 +14,15 @@ def wait_done(client, job_id, headers=None, timeout=120):
             return job
         time.sleep(0.05)
     raise AssertionError(f"job {job_id} did not finish: {job}")
+
+
+def wait_filed(client, job_id, headers=None, timeout=60):
+    """The done job once the gallery has filed its images (each result record has its `image_id`)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = wait_done(client, job_id, headers=headers, timeout=timeout)
+        images = (job.get("result") or {}).get("images", [])
+        if images and all(image.get("image_id") is not None for image in images):
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id}'s images were not filed in the gallery: {job}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -26,6 +27,13 @@ schema = schema.exclude(path_regex=r"^/sdapi/v1/(txt2img|img2img)$").exclude(pat
 @pytest.fixture(autouse=True, scope="module")
 def _quiet_hub():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _remove_home():
+    """The home is made at import (outside pytest's tmp_path): remove it once the module's tests ran."""
+    yield
+    shutil.rmtree(_HOME, ignore_errors=True)
 
 
 @schema.parametrize()

@@ -58,7 +58,7 @@ def test_from_file_uses_seed_plus_line_number(cli, tmp_path):
     assert code == 0, err
     assert [(r["recipe"]["prompt"], r["seed"]) for r in json.loads(out)] == [
         ("a red circle", 100),
-        ("a blue square", 101),
+        ("a blue square", 102),  # line 2: the empty line keeps its seed slot
     ]
 
 
@@ -233,3 +233,36 @@ def test_reproducing_an_a1111_image_uses_its_recorded_model_or_says_it_is_missin
         "Euler a",
         3,
     )
+
+
+def test_models_add_checks_the_file_first_and_rm_takes_it_out(cli, tmp_path):
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\xff" * 64)
+    code, _, err = cli("models", "add", garbage)
+    assert code == 2 and "not a readable .safetensors file" in err and len(err.strip().splitlines()) == 1
+    (tmp_path / "old.ckpt").write_bytes(b"\x80\x02}q\x00.")
+    code, _, err = cli("models", "add", tmp_path / "old.ckpt")
+    assert code == 2 and "--allow-pickle" in err
+    code, out, _ = cli("models", "list")
+    assert "garbage" not in out and "old" not in out  # nothing was registered
+    code, out, err = cli("models", "info", "tiny", "--json")
+    assert code == 0 and json.loads(out)["native_size"] == 16 and json.loads(out)["parameters"] > 0
+    code, out, err = cli("models", "rm", "tiny")
+    assert code == 0 and "removed tiny" in out
+    assert "tiny" not in cli("models", "list")[1]
+    code, _, err = cli("models", "rm", "shapes")
+    assert code == 2 and "built in" in err
+
+
+def test_toy_judge_exits_1_when_the_image_differs_from_the_prompt(cli, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from spellbook.toy import world
+
+    picture = world.render(world.Scene("red", "circle", "left", "black"), np.random.default_rng(0))
+    path = tmp_path / "red.png"
+    Image.fromarray(picture).save(path)
+    assert cli("toy", "judge", path, "--prompt", "a red circle on the left, black background")[0] == 0
+    code, out, _ = cli("toy", "judge", path, "--prompt", "a blue circle on the left, black background")
+    assert code == 1 and "differs from the prompt in: colour" in out

@@ -210,38 +210,36 @@ def test_with_and_without_brackets_give_the_same_image_and_recipe(studio, librar
     library.add(Concept("cross", vectors(1, seed=3)))
     images, recipes = [], []
     for prompt in ("a <cross> on the left", "a cross on the left"):
-        recipe, inputs, components = studio.prepare({"prompt": prompt, "model": "tiny", "seed": 5})
-        images.append(np.asarray(studio.run(recipe, inputs, components)[0].image))
+        recipe = studio.plan({"prompt": prompt, "model": "tiny", "seed": 5})
+        images.append(np.asarray(studio.run(recipe)[0].image))
         recipes.append(recipe)
     assert recipes[0].concepts == recipes[1].concepts
     assert recipes[0].concepts[0].sha256 == hashlib.sha256(library.path_of("cross").read_bytes()).hexdigest()
     np.testing.assert_array_equal(images[0], images[1])
-    recipe, inputs, components = studio.prepare({"prompt": "a plain square", "model": "tiny", "seed": 5})
-    assert recipe.concepts == () and inputs.concepts == {}
+    recipe = studio.plan({"prompt": "a plain square", "model": "tiny", "seed": 5})
+    assert recipe.concepts == () and studio.inputs_for_recipe(recipe).concepts == {}
 
 
 def test_several_concepts_compose_and_negative_prompts_use_them_too(studio, library):
     for i, name in enumerate(("cross", "heart", "blurry")):
         library.add(Concept(name, vectors(1 + i, seed=i)))
-    recipe, inputs, _ = studio.prepare(
-        {"prompt": "a <heart> and a cross", "negative_prompt": "blurry", "model": "tiny"}
-    )
+    recipe = studio.plan({"prompt": "a <heart> and a cross", "negative_prompt": "blurry", "model": "tiny"})
     assert [c.name for c in recipe.concepts] == ["heart", "cross", "blurry"]
-    assert set(inputs.concepts) == {"heart", "cross", "blurry"}
+    assert set(studio.inputs_for_recipe(recipe).concepts) == {"heart", "cross", "blurry"}
 
 
 def test_a_concept_for_another_text_encoder_width_names_both_sizes(studio, library):
     library.add(Concept("charlie", vectors(1, 768)))
     with pytest.raises(UserError) as error:
-        studio.prepare({"prompt": "a photo of <charlie>", "model": "tiny"})
+        studio.plan({"prompt": "a photo of <charlie>", "model": "tiny"})
     message = str(error.value)
     assert "768" in message and "32" in message and "SD 1.x" in message and "'tiny'" in message
 
 
 def test_recipe_and_infotext_record_ti_hashes(studio, library, tmp_path):
     library.add(Concept("cross", vectors(1, seed=3)))
-    recipe, inputs, components = studio.prepare({"prompt": "a <cross>", "model": "tiny", "seed": 1})
-    saved = studio.save(studio.run(recipe, inputs, components), tmp_path / "out")[0]
+    recipe = studio.plan({"prompt": "a <cross>", "model": "tiny", "seed": 1})
+    saved = studio.save(studio.run(recipe), tmp_path / "out")[0]
     sha = hashlib.sha256(library.path_of("cross").read_bytes()).hexdigest()
     assert read_metadata(saved.path).recipe.concepts == recipe.concepts
     assert [(c.name, c.sha256) for c in recipe.concepts] == [("cross", sha)]
@@ -252,8 +250,8 @@ def test_recipe_and_infotext_record_ti_hashes(studio, library, tmp_path):
 
 def test_verify_passes_and_then_fails_clearly_when_the_concept_file_changed(studio, library, tmp_path):
     library.add(Concept("cross", vectors(1, seed=3)))
-    recipe, inputs, components = studio.prepare({"prompt": "a <cross>", "model": "tiny", "seed": 1})
-    saved = studio.save(studio.run(recipe, inputs, components), tmp_path / "out")[0]
+    recipe = studio.plan({"prompt": "a <cross>", "model": "tiny", "seed": 1})
+    saved = studio.save(studio.run(recipe), tmp_path / "out")[0]
     assert studio.verify(saved.path)[0].identical
     # Renamed, the file is found by its hash.
     library.path_of("cross").rename(library.folder / "plus.safetensors")
@@ -268,8 +266,8 @@ def test_verify_passes_and_then_fails_clearly_when_the_concept_file_changed(stud
 
 
 def test_recipes_use_only_the_concepts_they_recorded(studio, library, tmp_path):
-    recipe, inputs, components = studio.prepare({"prompt": "a cross", "model": "tiny", "seed": 1})
-    saved = studio.save(studio.run(recipe, inputs, components), tmp_path / "out")[0]
+    recipe = studio.plan({"prompt": "a cross", "model": "tiny", "seed": 1})
+    saved = studio.save(studio.run(recipe), tmp_path / "out")[0]
     library.add(Concept("cross", vectors(1, seed=3)))  # added after the image was made
     assert studio.verify(saved.path)[0].identical
 
@@ -471,8 +469,8 @@ def judged_shares(studio, name: str, expected_shape: str) -> dict[str, float]:
     right: dict[str, list[bool]] = {"shape": [], "colour": [], "background": []}
     for i, (colour, background) in enumerate((c, b) for c in world.COLOURS for b in world.BACKGROUNDS):
         prompt = f"{world.article(colour)} {colour} <{name}>, {background} background"
-        recipe, inputs, components = studio.prepare({"prompt": prompt, "seed": 100 + i})
-        verdict = judge(studio.run(recipe, inputs, components)[0].image)
+        recipe = studio.plan({"prompt": prompt, "seed": 100 + i})
+        verdict = judge(studio.run(recipe)[0].image)
         right["shape"].append(verdict.shape == expected_shape)
         right["colour"].append(verdict.colour == colour)
         right["background"].append(verdict.background == background)

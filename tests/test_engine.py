@@ -42,7 +42,7 @@ def test_txt2img_matches_diffusers_pipeline(tiny, sampler):
         {"prompt": "a red circle", "negative_prompt": "blurry", "seed": 11, "batch_size": 2, "sampler": sampler},
         tiny.recipe_defaults(),
     )
-    ours = generate(tiny, recipe)
+    [ours] = generate(tiny, recipe)
     theirs = reference(StableDiffusionPipeline, tiny, recipe)(
         ["a red circle"] * 2,
         negative_prompt=["blurry"] * 2,
@@ -60,10 +60,11 @@ def test_txt2img_matches_diffusers_pipeline(tiny, sampler):
 def test_img2img_matches_diffusers_pipeline(tiny):
     init = picture(1)
     recipe = make_recipe(
-        {"prompt": "a cactus garden", "kind": "img2img", "strength": 0.6, "seed": 3, "init_image": InputRef("x")},
+        {"prompt": "a cactus garden", "kind": "img2img", "strength": 0.6, "seed": 3},
         tiny.recipe_defaults(),
+        init_image=InputRef("x"),
     )
-    ours = generate(tiny, recipe, GenerationInputs(init_image=init))
+    [ours] = generate(tiny, recipe, GenerationInputs(init_image=init))
     theirs = reference(StableDiffusionImg2ImgPipeline, tiny, recipe)(
         "a cactus garden",
         image=init,
@@ -86,12 +87,12 @@ def test_inpaint_matches_diffusers_pipeline_and_keeps_unmasked_pixels(tiny):
             "kind": "inpaint",
             "strength": 1.0,
             "seed": 5,
-            "init_image": InputRef("x"),
-            "mask": InputRef("m"),
         },
         tiny.recipe_defaults(),
+        init_image=InputRef("x"),
+        mask=InputRef("m"),
     )
-    raw = generate(tiny, recipe, GenerationInputs(init, mask), overlay=False)
+    [raw] = generate(tiny, recipe, GenerationInputs(init, mask), overlay=False)
     theirs = reference(StableDiffusionInpaintPipeline, tiny, recipe)(
         "a red circle",
         image=init,
@@ -105,7 +106,7 @@ def test_inpaint_matches_diffusers_pipeline_and_keeps_unmasked_pixels(tiny):
         output_type="np",
     ).images
     assert np.abs(raw - theirs).max() <= 1e-5
-    final = generate(tiny, recipe, GenerationInputs(init, mask))
+    [final] = generate(tiny, recipe, GenerationInputs(init, mask))
     outside = np.asarray(mask) == 0
     original = np.asarray(init, dtype=np.float32) / 255
     assert np.abs(final[0][outside] - original[outside]).max() < 1e-6
@@ -117,8 +118,8 @@ def test_image_i_of_a_batch_equals_a_single_run_with_seed_plus_i(tiny, sampler):
     batch = make_recipe(
         {"prompt": "a blue square", "seed": 40, "batch_size": 3, "sampler": sampler}, tiny.recipe_defaults()
     )
-    images = generate(tiny, batch)
-    single = generate(tiny, batch.with_(seed=42, batch_size=1))
+    [images] = generate(tiny, batch)
+    [single] = generate(tiny, batch.with_(seed=42, batch_size=1))
     # Kernels may sum in another order for another batch size: equal to float rounding, not bit for bit.
     assert np.abs(images[2] - single[0]).max() <= 1e-4
     assert np.abs(images[0] - images[1]).max() > 1e-3  # different seeds do differ
@@ -129,7 +130,7 @@ def test_every_a1111_sampler_name_runs(tiny, sampler):
     recipe = make_recipe(
         {"prompt": "a green triangle", "seed": 1, "sampler": sampler, "steps": 3}, tiny.recipe_defaults()
     )
-    images = generate(tiny, recipe)
+    [images] = generate(tiny, recipe)
     assert images.shape == (1, 16, 16, 3) and np.isfinite(images).all()
     assert isinstance(
         make_scheduler(sampler, "Automatic", tiny.scheduler_config), SAMPLER_SPECS[sampler].scheduler_class
@@ -152,27 +153,43 @@ def test_a_schedule_a_sampler_cannot_use_is_an_error_not_ignored(tiny):
         make_scheduler(unsupported[0], "Karras", tiny.scheduler_config)
 
 
-def test_progress_reports_every_step_and_cancel_stops(tiny):
+def test_on_step_reports_every_step_and_cancel_stops(tiny):
     import threading
 
     recipe = make_recipe({"prompt": "x", "seed": 0, "steps": 5}, tiny.recipe_defaults())
     seen = []
-    generate(tiny, recipe, progress=lambda p: seen.append((p.step, p.total, tuple(p.latents.shape))))
-    assert [s[0] for s in seen] == [1, 2, 3, 4, 5] and seen[0][1] == 5 and seen[0][2] == (1, 4, 8, 8)
+    generate(tiny, recipe, on_step=lambda step, total, latents: seen.append((step, total, tuple(latents.shape))))
+    assert seen == [(step, 5, (1, 4, 8, 8)) for step in range(1, 6)]
 
     cancel = threading.Event()
 
-    def stop_after_two(p):
-        if p.step == 2:
+    def stop_after_two(step, total, latents):
+        if step == 2:
             cancel.set()
 
     with pytest.raises(Cancelled):
-        generate(tiny, recipe, progress=stop_after_two, cancel=cancel)
+        generate(tiny, recipe, on_step=stop_after_two, cancel=cancel)
+
+
+@pytest.mark.parametrize(
+    ("sampler", "batch_size", "passes"),
+    [("DDIM", 3, 1), ("DPM++ SDE", 3, 3), ("Heun", 1, 1)],  # SDE: image by image; Heun: 2n - 1 timesteps
+)
+def test_on_step_counts_1_to_total_across_forward_passes(tiny, sampler, batch_size, passes):
+    recipe = make_recipe(
+        {"prompt": "x", "seed": 0, "steps": 3, "sampler": sampler, "batch_size": batch_size}, tiny.recipe_defaults()
+    )
+    seen = []
+    generate(tiny, recipe, on_step=lambda step, total, latents: seen.append((step, total, len(latents))))
+    scheduler = make_scheduler(sampler, "Automatic", tiny.scheduler_config)
+    scheduler.set_timesteps(3)
+    total = passes * len(scheduler.timesteps)  # what diffusers iterates: 2n - 1 for second-order samplers
+    assert seen == [(step, total, batch_size // passes) for step in range(1, total + 1)]
 
 
 def test_inpaint_rejects_a_mask_of_another_size(tiny):
     recipe = make_recipe(
-        {"prompt": "x", "kind": "inpaint", "init_image": InputRef("x"), "mask": InputRef("m")}, tiny.recipe_defaults()
+        {"prompt": "x", "kind": "inpaint"}, tiny.recipe_defaults(), init_image=InputRef("x"), mask=InputRef("m")
     )
     with pytest.raises(UserError, match="mask is 8x8 but the image is 16x16"):
         generate(tiny, recipe, GenerationInputs(picture(0), Image.new("L", (8, 8))))
@@ -183,17 +200,147 @@ def test_karras_schedule_runs_on_an_sd_schedule(tiny, sampler):
     recipe = make_recipe(
         {"prompt": "x", "seed": 1, "sampler": sampler, "schedule": "Karras", "steps": 5}, tiny.recipe_defaults()
     )
-    assert np.isfinite(generate(tiny, recipe)).all()
+    assert np.isfinite(generate(tiny, recipe)[0]).all()
 
 
-def test_a_schedule_that_repeats_timesteps_is_a_clear_error(tiny):
-    # A cosine noise schedule reaches extreme noise; Karras spacing then repeats timesteps (diffusers would
-    # step past its sigmas with an IndexError).
+def test_karras_runs_on_a_cosine_schedule(tiny):
+    # A cosine noise schedule reaches sigma 20291; diffusers' Karras spacing from there repeated DPM++ 2M's first
+    # timestep (and it then stepped past its sigmas). Spacing starts at SD's largest sigma instead (samplers.py).
     from dataclasses import replace
 
     cosine = replace(tiny, scheduler_config={**tiny.scheduler_config, "beta_schedule": "squaredcos_cap_v2"})
     recipe = make_recipe(
         {"prompt": "x", "seed": 1, "sampler": "DPM++ 2M", "schedule": "Karras", "steps": 20}, tiny.recipe_defaults()
     )
-    with pytest.raises(UserError, match="repeats timesteps"):
-        generate(cosine, recipe)
+    assert np.isfinite(generate(cosine, recipe)).all()
+
+
+# --- several recipes through the one entry ---------------------------------------------------------------------
+
+
+def test_several_recipes_equal_separate_runs(tiny):
+    defaults = tiny.recipe_defaults()
+    recipes = [
+        make_recipe({"prompt": p, "negative_prompt": n, "seed": s, "batch_size": b}, defaults)
+        for p, n, s, b in (
+            ("a red circle", "", 1, 2),
+            ("a very long prompt " * 30, "blurry", 7, 1),  # two 75-token chunks: its own forward pass
+            ("a blue square", "blurry", 9, 1),
+        )
+    ]
+    steps = []
+    together = generate(tiny, recipes, on_step=lambda step, total, latents: steps.append((step, total)))
+    assert [len(images) for images in together] == [2, 1, 1]
+    for recipe, images in zip(recipes, together):
+        [alone] = generate(tiny, recipe)
+        assert images.shape == alone.shape and images.dtype == np.float32
+        np.testing.assert_allclose(images, alone, atol=1e-4)
+    # Two forward passes (one per prompt length); the step count runs on across them.
+    assert steps == [(step, 2 * recipes[0].steps) for step in range(1, 2 * recipes[0].steps + 1)]
+
+
+def test_recipes_that_cannot_share_a_forward_pass_are_an_error(tiny):
+    defaults = tiny.recipe_defaults()
+    base = make_recipe({"prompt": "a red circle", "seed": 1}, defaults)
+    with pytest.raises(ValueError, match="steps differs"):
+        generate(tiny, [base, base.with_(steps=base.steps + 1)])
+    sde = base.with_(sampler="DPM++ SDE")
+    with pytest.raises(ValueError, match="noise stream"):
+        generate(tiny, [sde, sde.with_(seed=2)])
+    with pytest.raises(ValueError, match="empty"):
+        generate(tiny, [])
+
+
+# --- the prompt cache ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def counted(tiny):
+    """`tiny` with a fresh prompt cache, and a list that grows by one per text-encoder forward pass."""
+    from dataclasses import replace
+
+    from spellbook.models.components import PromptCache
+
+    calls = []
+    hook = tiny.text_encoder.register_forward_hook(lambda *_: calls.append(1))
+    yield replace(tiny, prompt_cache=PromptCache(max_entries=4)), calls
+    hook.remove()
+
+
+def test_a_repeated_prompt_costs_no_text_encoder_pass(counted):
+    components, calls = counted
+    recipe = make_recipe(
+        {"prompt": "a red circle", "negative_prompt": "blurry", "seed": 3}, components.recipe_defaults()
+    )
+    [first] = generate(components, recipe)
+    encoded = len(calls)
+    assert encoded == 2  # positive and negative, one chunk each
+    [second] = generate(components, recipe.with_(seed=3))
+    [other_seed] = generate(components, recipe.with_(seed=4))
+    assert len(calls) == encoded and components.prompt_cache.hits == 2
+    assert np.array_equal(first, second)  # bit for bit: `verify` still holds
+    assert not np.array_equal(first, other_seed)
+
+
+def test_cached_encodings_are_exactly_fresh_ones_and_callers_cannot_change_them(counted):
+    from spellbook.engine.pipeline import encode_conditioning
+    from spellbook.engine.prompts import encode_prompt_pair
+
+    components, _ = counted
+    recipe = make_recipe({"prompt": "a (red:1.3) circle", "negative_prompt": "blurry"}, components.recipe_defaults())
+    fresh = encode_prompt_pair(components.tokenizer, components.text_encoder, recipe.prompt, recipe.negative_prompt)
+    positive, _ = encode_conditioning(components, recipe, {})
+    positive.mul_(0)  # a careless caller
+    again = encode_conditioning(components, recipe, {})
+    assert torch.equal(again[0], fresh[0]) and torch.equal(again[1], fresh[1])
+
+
+def test_the_signature_covers_clip_skip_concept_vectors_and_encoder_state(counted):
+    from spellbook.engine.pipeline import encode_conditioning
+
+    components, calls = counted
+    width = components.text_encoder.get_input_embeddings().embedding_dim
+    recipe = make_recipe({"prompt": "a <x> on the left"}, components.recipe_defaults())
+    x = torch.randn(2, width, generator=torch.Generator().manual_seed(0))
+
+    def encode(recipe, concepts) -> int:
+        before = len(calls)
+        encode_conditioning(components, recipe, concepts)
+        return len(calls) - before
+
+    assert encode(recipe, {"x": x}) == 2
+    assert encode(recipe, {"x": x.clone()}) == 0  # same vectors, another tensor: a hit
+    assert encode(recipe, {"x": x + 1e-3}) == 2  # same name, other vectors: a miss
+    assert encode(recipe.with_(clip_skip=2), {"x": x}) == 2
+    assert encode(recipe, {}) == 2
+    with torch.no_grad():  # the text encoder changed in place (an optimizer step, load_state_dict)
+        next(components.text_encoder.parameters()).add_(0)
+    assert encode(recipe, {"x": x}) == 2
+
+
+def test_the_prompt_cache_is_a_bounded_lru():
+    from spellbook.models.components import PromptCache
+
+    class Encoder(torch.nn.Module):
+        pass
+
+    encoder, calls = Encoder(), []
+    cache = PromptCache(max_entries=2)
+
+    def encode(key):
+        def run():
+            calls.append(key)
+            return torch.zeros(1), torch.zeros(1)
+
+        return cache.get_or_encode(key, encoder, run)
+
+    for key in ("a", "b", "a", "c"):  # "a" was used after "b", so "b" is the one to go
+        encode(key)
+    assert len(cache) == 2 and calls == ["a", "b", "c"]
+    encode("a")
+    encode("b")
+    assert calls == ["a", "b", "c", "b"]
+    assert cache.get_or_encode("a", Encoder(), lambda: (torch.ones(1), torch.ones(1)))[0].item() == 1  # other encoder
+    disabled = PromptCache(max_entries=0)
+    disabled.get_or_encode("a", encoder, lambda: (torch.zeros(1), torch.zeros(1)))
+    assert len(disabled) == 0

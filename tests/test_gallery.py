@@ -21,7 +21,7 @@ from spellbook import gallery
 from spellbook.errors import NotFound, Refused, UserError
 from spellbook.infotext import write_png_text
 from spellbook.store import Database, migrate
-from spellbook.store.db import connect
+from spellbook.store.db import connect, migrations
 from spellbook.store.vectors import _python_distance_cosine, load_sqlite_vec
 
 
@@ -116,7 +116,7 @@ def test_migrates_from_empty_and_datasette_sees_the_full_text_search(home):
     from datasette.utils import detect_fts
 
     db = Database(home / "spellbook.db")
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert db.execute("PRAGMA user_version").fetchone()[0] == len(migrations())
     tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert {"users", "jobs", "images", "images_fts", "image_embeddings"} <= tables
     assert detect_fts(db.conn, "images") == "images_fts"
@@ -136,7 +136,7 @@ def test_migrates_from_version_1_keeping_users_and_jobs(tmp_path):
     conn.close()
 
     db = Database(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert db.execute("PRAGMA user_version").fetchone()[0] == len(migrations())
     assert db.execute("SELECT name FROM users").fetchone()[0] == "alice"
     assert db.execute("SELECT kind FROM jobs WHERE id = 'j1'").fetchone()[0] == "txt2img"
     with db.transaction() as c:
@@ -256,8 +256,8 @@ def test_import_reads_a1111_comfyui_and_spellbook_and_reports_the_rest(db, tmp_p
     (folder / "sub").mkdir(parents=True)
     a1111_png(folder / "a.png", "a lighthouse on a cliff", negative="people", seed=123, model="v1-5", size=16)
     comfy_png(folder / "sub" / "c.png", "a koi pond in autumn", "text, watermark", seed=77)
-    recipe, inputs, components = studio.prepare({"prompt": "a green triangle", "model": "tiny", "seed": 5})
-    saved = studio.save(studio.run(recipe, inputs, components), tmp_path / "ours")[0]
+    recipe = studio.plan({"prompt": "a green triangle", "model": "tiny", "seed": 5})
+    saved = studio.save(studio.run(recipe), tmp_path / "ours")[0]
     (folder / "ours.png").write_bytes(saved.path.read_bytes())
     Image.new("RGB", (10, 10), (1, 2, 3)).save(folder / "plain.png")
     (folder / "notes.png").write_text("not an image")
@@ -485,9 +485,9 @@ def test_a_server_jobs_images_are_filed_in_place_for_their_owner(db, home, tmp_p
     folder.mkdir(parents=True)
     a1111_png(folder / "job1-0.png", "a lantern festival at night", colour=(9, 9, 9))
     records = [{"index": 0, "path": "images/2026/11/03/job1-0.png"}]
-    job = SimpleNamespace(id="job1", owner=alice)
-    [image] = gallery.file_job_images(db, Settings(home=home), job, records)
-    assert records[0]["image_id"] == image.id and image.src == "images/2026/11/03/job1-0.png"
+    job = SimpleNamespace(id="job1", owner=alice, result={"images": records})
+    [image] = gallery.file_job_images(db, Settings(home=home), job)
+    assert image.src == "images/2026/11/03/job1-0.png"
     assert (image.owner, image.visibility) == (alice, "private")
     assert db.execute("SELECT job_id FROM images WHERE id = ?", (image.id,)).fetchone()[0] == "job1"
     assert [p.name for p in folder.iterdir()] == ["job1-0.png"]  # not copied

@@ -46,11 +46,12 @@ def test_models_load_once_and_are_cached_by_content_hash(registry):
 
 def test_vae_override_is_used_and_recorded(studio, tiny, tmp_path):
     tiny.vae.save_pretrained(tmp_path / "my-vae")
-    recipe, _, components = studio.prepare({"prompt": "x", "model": "tiny", "vae": str(tmp_path / "my-vae")})
+    recipe = studio.plan({"prompt": "x", "model": "tiny", "vae": str(tmp_path / "my-vae")})
     assert recipe.vae is not None and recipe.vae.name == "my-vae" and len(recipe.vae.sha256) == 64
+    components = studio.components_for_recipe(recipe)
     assert components.vae is not studio.cache.load("tiny").vae
-    _, _, again = studio.prepare({"prompt": "x", "model": "tiny", "vae": str(tmp_path / "my-vae")})
-    assert again.vae is components.vae  # loaded once
+    again = studio.plan({"prompt": "x", "model": "tiny", "vae": str(tmp_path / "my-vae")})
+    assert studio.components_for_recipe(again).vae is components.vae  # loaded once
     from spellbook.provenance import infotext
 
     assert f"VAE hash: {recipe.vae.sha256[:10]}" in infotext(recipe)

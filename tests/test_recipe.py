@@ -8,7 +8,7 @@ import random
 import pytest
 
 from spellbook.errors import UserError
-from spellbook.recipe import ConceptRef, InputRef, ModelRef, Recipe, make_recipe, split_sampler
+from spellbook.recipe import ConceptRef, InputRef, ModelRef, Recipe, make_recipe, parse_sampler
 
 DEFAULTS = {"width": 512, "height": 512, "steps": 20, "sampler": "DPM++ 2M", "schedule": "Karras", "guidance": 7.0}
 
@@ -20,10 +20,10 @@ def test_json_round_trip_is_exact():
             "negative_prompt": "blurry",
             "seed": 7,
             "batch_size": 2,
-            "concepts": (ConceptRef("charlie", "ab" * 32),),
-            "model": ModelRef("sd15", "cd" * 32),
         },
         DEFAULTS,
+        concepts=(ConceptRef("charlie", "ab" * 32),),
+        model=ModelRef("sd15", "cd" * 32),
     )
     assert Recipe.from_json(recipe.to_json()) == recipe
 
@@ -64,15 +64,18 @@ def test_unknown_fields_are_an_error_not_dropped():
     ],
 )
 def test_bad_values_name_their_field_and_what_is_accepted(request_, field, message):
+    request_ = dict(request_)
+    init_image = request_.pop("init_image", None)  # what the studio resolved the request's pixels to
     with pytest.raises(UserError) as err:
-        make_recipe({"prompt": "x", **request_}, DEFAULTS)
+        make_recipe({"prompt": "x", **request_}, DEFAULTS, init_image=init_image)
     assert err.value.field == field
     assert message in str(err.value)
 
 
 def test_old_style_sampler_names_carry_their_schedule():
-    assert split_sampler("DPM++ 2M Karras") == ("DPM++ 2M", "Karras")
-    assert split_sampler("euler a") == ("Euler a", None)
+    assert parse_sampler("DPM++ 2M Karras") == ("DPM++ 2M", "Karras")
+    assert parse_sampler("euler a") == ("Euler a", "Automatic")
+    assert parse_sampler("Euler a", "karras") == ("Euler a", "Karras")
     recipe = make_recipe({"prompt": "x", "sampler": "DPM++ 2M Karras", "schedule": "Automatic"}, DEFAULTS)
     assert (recipe.sampler, recipe.schedule) == ("DPM++ 2M", "Karras")
 

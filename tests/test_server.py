@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from PIL import Image
 
-from jobwait import wait_done
+from jobwait import wait_done, wait_filed
 from spellbook.errors import UserError
 from spellbook.provenance import read_metadata
 from spellbook.server.app import build_services
@@ -168,7 +168,7 @@ def test_queue_is_fair_and_batches_compatible_jobs(make_client):
     heavy, light = accounts.add_user("heavy"), accounts.add_user("light")
     accounts.grant("heavy", 1000)
     accounts.grant("light", 1000)
-    recipe, _, _ = services.studio.prepare({"prompt": "x", "model": "tiny", "steps": 2})
+    recipe = services.studio.plan({"prompt": "x", "model": "tiny", "steps": 2})
     for _ in range(10):
         services.queue.submit(recipe, owner=heavy.id)
     services.queue.submit(recipe.with_(prompt="y"), owner=light.id)
@@ -184,7 +184,7 @@ def test_queue_is_fair_and_batches_compatible_jobs(make_client):
 
 
 def test_a_batched_group_matches_separate_runs(make_client, home):
-    from spellbook.engine.pipeline import generate, generate_batch
+    from spellbook.engine.pipeline import generate
     from spellbook.recipe import make_recipe
 
     _, services = make_client(start_worker=False)
@@ -194,9 +194,9 @@ def test_a_batched_group_matches_separate_runs(make_client, home):
         make_recipe({"prompt": p, "seed": s, "batch_size": b}, defaults)
         for p, s, b in (("a red circle", 1, 2), ("a very long prompt " * 30, 7, 1), ("a blue square", 9, 1))
     ]
-    together = generate_batch(components, recipes)
+    together = generate(components, recipes)
     for recipe, images in zip(recipes, together):
-        alone = generate(components, recipe)
+        [alone] = generate(components, recipe)
         assert images.shape == alone.shape
         assert abs(images - alone).max() < 1e-4
 
@@ -236,7 +236,7 @@ def test_finished_jobs_are_searchable_and_private_until_published(make_client, h
     eve = {"authorization": f"Bearer {accounts.create_token('eve')}"}
     client, _ = make_client(auth="on")
     job = client.post("/api/v1/jobs", json={"prompt": "a lemon yellow square", "steps": 2}, headers=dora).json()
-    image_id = wait_done(client, job["id"], headers=dora)["result"]["images"][0]["image_id"]
+    image_id = wait_filed(client, job["id"], headers=dora)["result"]["images"][0]["image_id"]
     found = client.get("/api/v1/gallery/search", params={"q": "yellow square (hat:1.2)", "mode": "words"}, headers=dora)
     assert [image["id"] for image in found.json()["images"]] == [image_id]
     assert found.json()["images"][0]["src"] == f"/api/v1/gallery/images/{image_id}/file"
@@ -253,3 +253,12 @@ def test_finished_jobs_are_searchable_and_private_until_published(make_client, h
     assert client.get(f"/api/v1/gallery/images/{image_id}/file", headers=eve).status_code == 200
     remix = client.post(f"/api/v1/gallery/images/{image_id}/remix", headers=eve).json()
     assert remix["request"]["prompt"] == "a lemon yellow square"
+
+
+def test_the_api_index_links_every_resource(make_client):
+    client, _ = make_client(start_worker=False)
+    index = client.get("/api/v1").json()
+    assert index["docs"] == "/docs" and client.get(index["openapi"]).status_code == 200
+    for url in index["resources"].values():
+        assert url in index["routes"]
+    assert client.get(index["resources"]["health"]).json()["ok"] is True

@@ -24,8 +24,8 @@ def shapes(tmp_path_factory):
 
 
 def run(studio, request, **images):
-    recipe, inputs, components = studio.prepare(request, **images)
-    return [r.image for r in studio.run(recipe, inputs, components)], recipe
+    recipe = studio.plan({**request, **images})
+    return [r.image for r in studio.run(recipe)], recipe
 
 
 # Thresholds: measured accuracy of shapes-v3 on these exact prompts and seeds, minus a margin (see

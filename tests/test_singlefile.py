@@ -14,8 +14,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from sd_original_layout import to_original_checkpoint
 from spellbook.errors import Refused, UserError
-from spellbook.models.files import bundled_tokenizer_dir
-from spellbook.models.safety import is_pickle, load_pickled_state_dict, scan_pickle
+from spellbook.models.files import bundled_tokenizer_dir, load_clip_tokenizer
+from spellbook.models.safety import load_pickled_state_dict, scan_pickle
 from spellbook.models.singlefile import bundled_config_dir, detect_family, load_single_file
 
 # ---------------------------------------------------------------- tiny models and their files
@@ -71,7 +71,7 @@ def save_config_folder(models: dict, folder: Path, *, pad_token: str) -> Path:
     models["unet"].save_config(folder / "unet")
     models["vae"].save_config(folder / "vae")
     models["text_encoder"].config.save_pretrained(folder / "text_encoder")
-    CLIPTokenizer.from_pretrained(bundled_tokenizer_dir(), pad_token=pad_token).save_pretrained(folder / "tokenizer")
+    load_clip_tokenizer(bundled_tokenizer_dir(), pad_token=pad_token).save_pretrained(folder / "tokenizer")
     DDIMScheduler(beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False).save_config(
         folder / "scheduler"
     )
@@ -295,7 +295,7 @@ def test_bundled_configs_describe_the_published_checkpoints(family):
         assert {key: value.shape for key, value in back.items()} == {
             key: value.shape for key, value in model.state_dict().items()
         }
-    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    tokenizer = load_clip_tokenizer(folder / "tokenizer")
     assert tokenizer("a cat").input_ids == [49406, 320, 2368, 49407]
     assert tokenizer.pad_token_id == {"sd-v1": 49407, "sd-v2": 0}[family]
     scheduler_config = DDIMScheduler.load_config(folder / "scheduler")
@@ -336,9 +336,13 @@ def save_pickle(payload: dict, path: Path, kind: str) -> None:
         path.write_bytes(pickle.dumps(payload, protocol=4))
 
 
-def test_is_pickle():
-    assert all(is_pickle(f"model{suffix}") for suffix in (".ckpt", ".pt", ".pth", ".bin", ".CKPT"))
-    assert not is_pickle("model.safetensors")
+def test_pickles_are_known_by_name(tmp_path):
+    from spellbook.models.registry import entry_format
+
+    for name in ("model.ckpt", "model.pt", "model.pth", "model.bin", "model.CKPT", "model.safetensors"):
+        (tmp_path / name).write_bytes(b"not loaded: the name decides")
+    assert [entry_format(tmp_path / f"model{s}") for s in (".ckpt", ".pt", ".pth", ".bin", ".CKPT")] == ["pickle"] * 5
+    assert entry_format(tmp_path / "model.safetensors") == "single-file"
 
 
 def test_payloads_really_run_when_unpickled(tmp_path):

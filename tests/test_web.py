@@ -50,6 +50,11 @@ def run_job(base: str, **request) -> dict:
         time.sleep(0.1)
         job = httpx.get(f"{base}/api/v1/jobs/{job['id']}", timeout=HTTP_TIMEOUT).json()
     assert job["state"] == "done", job
+    # Done means the PNGs are written; the gallery files them right after (its outbox): wait for their ids.
+    while any(image.get("image_id") is None for image in job["result"]["images"]):
+        assert time.monotonic() < deadline, f"job's images were not filed in the gallery: {job}"
+        time.sleep(0.1)
+        job = httpx.get(f"{base}/api/v1/jobs/{job['id']}", timeout=HTTP_TIMEOUT).json()
     return job
 
 
@@ -73,6 +78,8 @@ def test_ctrl_enter_generates_an_image_shown_with_its_recipe(home, studio, page)
         sync_api.expect(results.nth(0).locator('dd[data-field="prompt"]')).to_have_text("a red circle")
         sync_api.expect(results.nth(0).locator('dd[data-field="steps"]')).to_have_text("2")
         assert results.nth(0).locator("img").evaluate("img => img.complete && img.naturalWidth") == 16
+        # Remix appears once the gallery has filed the image (a moment after the job is done).
+        sync_api.expect(results.nth(0).locator('button[data-action="remix"]')).to_have_count(1)
         actions = results.nth(0).locator("button[data-action]")
         assert actions.evaluate_all("buttons => buttons.map(b => b.dataset.action)") == [
             "img2img",

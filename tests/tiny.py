@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel
 
 from spellbook.models.components import Components
-from spellbook.models.files import bundled_tokenizer_dir
+from spellbook.models.files import bundled_tokenizer_dir, load_clip_tokenizer
 from spellbook.recipe import ModelRef
 
 
@@ -56,7 +56,7 @@ def tiny_components(in_channels: int = 4, seed: int = 0) -> Components:
     return Components(
         vae=vae,
         text_encoder=text_encoder,
-        tokenizer=CLIPTokenizer.from_pretrained(bundled_tokenizer_dir()),
+        tokenizer=load_clip_tokenizer(bundled_tokenizer_dir()),
         unet=unet,
         scheduler_config=dict(scheduler.config),
         ref=ModelRef("tiny", "0" * 64),

@@ -5,15 +5,14 @@ Errors a user can fix print one line on stderr and exit 2; `verify` exits 1 when
 
 from __future__ import annotations
 
-import functools
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from spellbook.cli_context import current_settings, quiet_libraries
 from spellbook.concepts.cli import concept_app
 from spellbook.errors import SpellbookError, UserError
 from spellbook.explorer.cli import app as explore_app
@@ -38,6 +37,7 @@ app.add_typer(explore_app, name="explore")
 
 @app.callback()
 def root(
+    ctx: typer.Context,
     allow_pickle: Annotated[
         bool,
         typer.Option(
@@ -46,34 +46,21 @@ def root(
     ] = False,
 ) -> None:
     """Spellbook: a self-hosted Stable Diffusion studio."""
-    if allow_pickle:
-        os.environ["SPELLBOOK_ALLOW_PICKLE"] = "1"
+    from spellbook.settings import Settings
+
+    # Settings are built once, here; every command reads them from the context (cli_context.current_settings).
+    ctx.obj = Settings.from_env(allow_pickle=True if allow_pickle else None)
 
 
 Out = Annotated[Path, typer.Option("--out", "-o", help="Folder for the PNGs.")]
 Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 
 
-def _quiet_libraries() -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.disable_progress_bar()
-    diffusers_logging.disable_progress_bar()
-    import warnings
-
-    warnings.filterwarnings("ignore")
-
-
 def _studio():
-    _quiet_libraries()
+    quiet_libraries()
     from spellbook.studio import Studio
 
-    return Studio()
+    return Studio(current_settings())
 
 
 def _echo_json(data: Any) -> None:
@@ -99,8 +86,8 @@ def _progress_bar(label: str, enabled: bool):
     )
     task = bar.add_task(label, total=None)
 
-    def callback(p) -> None:
-        bar.update(task, total=p.total, completed=p.step)
+    def callback(step, total, _latents) -> None:
+        bar.update(task, total=total, completed=step)
 
     return bar, callback
 
@@ -118,39 +105,45 @@ def _generation_request(
     model: str | None,
     vae: str | None,
     clip_skip: int | None,
-) -> dict[str, Any]:
-    request = {
-        "prompt": prompt,
-        "negative_prompt": negative,
-        "steps": steps,
-        "guidance": cfg,
-        "sampler": sampler,
-        "schedule": schedule,
-        "size": size,
-        "seed": seed,
-        "batch_size": batch,
-        "model": model,
-        "vae": vae,
-        "clip_skip": clip_skip,
-    }
-    return {k: v for k, v in request.items() if v is not None}
+):
+    """The CLI's adapter: flags -> ImageRequest."""
+    from spellbook.recipe import ImageRequest, parse_size
+
+    width, height = parse_size(size) if size else (None, None)
+    return ImageRequest(
+        prompt=prompt,
+        negative_prompt=negative or "",
+        steps=steps,
+        guidance=cfg,
+        sampler=sampler,
+        schedule=schedule,
+        width=width,
+        height=height,
+        seed=seed,
+        batch_size=batch,
+        model=model,
+        vae=vae,
+        clip_skip=clip_skip,
+    )
 
 
-def _run(studio, request, out: Path, show_progress: bool, count: int = 1, gallery: bool = True, **images) -> list[dict]:
-    """Run `count` batches of one request (batch k starts at seed + k * batch size); save (and file in the
-    gallery unless `gallery` is False); return records."""
+def _run(studio, request, out: Path, show_progress: bool, count: int = 1, gallery: bool = True) -> list[dict]:
+    """Run `count` batches of one request (batch k starts at seed + k * batch size); write them to `out` (and
+    file the same files in the gallery unless `gallery` is False); return records."""
     records = []
-    recipe, inputs, components = studio.prepare(request, **images)
+    recipe = studio.plan(request)
     for run in range(count):
         if run:
             recipe = recipe.with_(seed=recipe.seed + recipe.batch_size)
         bar, callback = _progress_bar(f"{recipe.kind} {recipe.width}x{recipe.height}", show_progress)
         with bar:
-            results = studio.run(recipe, inputs, components, progress=callback)
-        for saved in studio.save(results, out):
+            results = studio.run(recipe, on_step=callback)
+        written = studio.save(results, out)
+        ids = _file_in_gallery(studio, written) if gallery else [None] * len(written)
+        for saved, image_id in zip(written, ids, strict=True):
             records.append({"path": str(saved.path), "seed": saved.recipe.image_seed, "recipe": saved.recipe.to_dict()})
-            if gallery:
-                records[-1]["gallery_id"] = _file_in_gallery(studio, saved)
+            if image_id is not None:
+                records[-1]["gallery_id"] = image_id
     return records
 
 
@@ -162,23 +155,21 @@ def _report(records: list[dict], as_json: bool) -> None:
             typer.echo(record["path"])
 
 
-def _file_in_gallery(studio, saved) -> int:
-    from spellbook.gallery import add_result
-
-    # embed=False: the prompt is embedded by the next search by meaning, so `generate` does not load a
-    # second model.
-    return add_result(_database(studio.settings.db_path), saved, home=studio.settings.home, embed=False).id
-
-
-@functools.cache
-def _database(path: Path):
+def _file_in_gallery(studio, written) -> list[int]:
+    from spellbook.gallery import file_results
     from spellbook.store import Database
 
-    return Database(path)
+    # embed=False: the prompt is embedded by the next search by meaning, so `generate` does not load a
+    # second model. The gallery links the written files in: the same bytes, not a second encode.
+    db = Database(studio.settings.db_path)
+    try:
+        return [image.id for image in file_results(db, written, home=studio.settings.home, embed=False)]
+    finally:
+        db.close()
 
 
-def _run_and_save(studio, request, out: Path, as_json: bool, count: int = 1, gallery: bool = True, **images) -> None:
-    _report(_run(studio, request, out, not as_json and sys.stderr.isatty(), count, gallery, **images), as_json)
+def _run_and_save(studio, request, out: Path, as_json: bool, count: int = 1, gallery: bool = True) -> None:
+    _report(_run(studio, request, out, not as_json and sys.stderr.isatty(), count, gallery), as_json)
 
 
 # Shared generation options, as Annotated aliases so each command reads as its flags.
@@ -213,7 +204,8 @@ def generate(
     vae: Vae = None,
     clip_skip: ClipSkip = None,
     from_file: Annotated[
-        Path | None, typer.Option("--from-file", help="One prompt per line; line i uses seed+i.")
+        Path | None,
+        typer.Option("--from-file", help="One prompt per line; line i (from 0, empty lines count) uses seed+i."),
     ] = None,
     out: Out = Path("out"),
     as_json: Json = False,
@@ -227,16 +219,18 @@ def generate(
         if not from_file.is_file():
             raise UserError(f"{from_file} does not exist", field="from_file")
         try:
-            prompts = [line.strip() for line in from_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+            lines = [line.strip() for line in from_file.read_text(encoding="utf-8").splitlines()]
         except UnicodeDecodeError:
             raise UserError(f"{from_file} is not UTF-8 text (one prompt per line)", field="from_file") from None
+        # Line i (counting from 0, empty lines included) uses seed + i: editing one line never moves the others.
+        prompts = [(i, line) for i, line in enumerate(lines) if line]
         if not prompts:
             raise UserError(f"{from_file} has no prompts (one per line)", field="from_file")
         import random
 
         base_seed = seed if seed not in (None, -1) else random.SystemRandom().randint(0, 2**31)
         records = []
-        for i, line in enumerate(prompts):
+        for i, line in prompts:
             request = _generation_request(
                 line, negative, steps, cfg, sampler, schedule, size, base_seed + i, batch, model, vae, clip_skip
             )
@@ -283,17 +277,8 @@ def img2img(
     init = _open(image, "image")
     request = _generation_request(
         prompt, negative, steps, cfg, sampler, schedule, size, seed, batch, model, vae, clip_skip
-    )
-    request.update(kind="img2img", strength=strength, init_image_path=str(image))
-    _run_and_save(
-        studio,
-        {k: v for k, v in request.items() if v is not None},
-        out,
-        as_json,
-        count,
-        not no_gallery,
-        init_image=init,
-    )
+    ).with_(kind="img2img", strength=strength, init_image=init, init_image_path=str(image))
+    _run_and_save(studio, request, out, as_json, count, not no_gallery)
 
 
 @app.command()
@@ -325,18 +310,15 @@ def inpaint(
     init, mask_image = _open(image, "image"), _open(mask, "mask")
     request = _generation_request(
         prompt, negative, steps, cfg, sampler, schedule, size, seed, batch, model, vae, clip_skip
-    )
-    request.update(kind="inpaint", strength=strength, init_image_path=str(image), mask_path=str(mask))
-    _run_and_save(
-        studio,
-        {k: v for k, v in request.items() if v is not None},
-        out,
-        as_json,
-        count,
-        not no_gallery,
+    ).with_(
+        kind="inpaint",
+        strength=strength,
         init_image=init,
         mask=mask_image,
+        init_image_path=str(image),
+        mask_path=str(mask),
     )
+    _run_and_save(studio, request, out, as_json, count, not no_gallery)
 
 
 @app.command()
@@ -344,7 +326,6 @@ def info(
     image: Annotated[Path, typer.Argument(help="Any PNG: Spellbook's, A1111's or ComfyUI's.")], as_json: Json = False
 ) -> None:
     """Print the recipe inside an image."""
-    _quiet_libraries()
     from spellbook.provenance import infotext, read_metadata
 
     meta = read_metadata(image)
@@ -378,7 +359,7 @@ def reproduce(
     studio = _studio()
     bar, callback = _progress_bar("reproduce", not as_json and sys.stderr.isatty())
     with bar:
-        result = studio.reproduce(image, model=model, progress=callback)
+        result = studio.reproduce(image, model=model, on_step=callback)
     saved = studio.save([result], out)[0]
     if as_json:
         _echo_json({"path": str(saved.path), "recipe": saved.recipe.to_dict()})
@@ -396,7 +377,7 @@ def verify(
     studio = _studio()
     bar, callback = _progress_bar("verify", not as_json and sys.stderr.isatty())
     with bar:
-        comparison, _ = studio.verify(image, model=model, progress=callback)
+        comparison, _ = studio.verify(image, model=model, on_step=callback)
     if as_json:
         _echo_json(
             {
@@ -419,11 +400,9 @@ def verify(
 @models_app.command("list")
 def models_list(as_json: Json = False) -> None:
     """Models you can name with --model."""
-    _quiet_libraries()
     from spellbook.models.registry import ModelRegistry
-    from spellbook.settings import Settings
 
-    entries = ModelRegistry(Settings.from_env()).list()
+    entries = ModelRegistry(current_settings()).list()
     if as_json:
         _echo_json([{"name": e.name, "format": e.format, "path": str(e.path), "builtin": e.builtin} for e in entries])
         return
@@ -437,35 +416,36 @@ def models_add(
     name: Annotated[str | None, typer.Option(help="Name to use with --model (default: the file name).")] = None,
     copy: Annotated[bool, typer.Option(help="Copy into the models folder instead of linking.")] = False,
 ) -> None:
-    """Add a model to the models folder."""
-    _quiet_libraries()
+    """Add a model to the models folder (its files are checked first: format, architecture, no pickles)."""
+    from spellbook.models.info import ModelCatalog
     from spellbook.models.registry import ModelRegistry
-    from spellbook.settings import Settings
 
-    entry = ModelRegistry(Settings.from_env()).add(path, name, copy=copy)
-    typer.echo(f"added {entry.name} ({entry.format}) -> {entry.path}")
+    settings = current_settings()
+    registry = ModelRegistry(settings)
+    info = ModelCatalog(registry, allow_pickle=settings.allow_pickle).check_file(path)
+    entry = registry.add(path, name, copy=copy)
+    typer.echo(f"added {entry.name} ({entry.format}, {info.family}, {info.native_size}px) -> {entry.path}")
+
+
+@models_app.command("rm")
+def models_rm(name: Annotated[str, typer.Argument(help="A model name from `spellbook models list`.")]) -> None:
+    """Remove a model from the models folder (a linked model's own file is left where it is)."""
+    from spellbook.models.registry import ModelRegistry
+
+    typer.echo(f"removed {ModelRegistry(current_settings()).remove(name)}")
 
 
 @models_app.command("info")
 def models_info(name: Annotated[str, typer.Argument(help="Model name or path.")], as_json: Json = False) -> None:
-    """Show a model's format, hash, architecture and defaults (loads it)."""
-    studio = _studio()
-    components = studio.cache.load(name)
-    unet = components.unet.config
-    data = {
-        "name": components.ref.name,
-        "sha256": components.ref.sha256,
-        "model_hash": components.ref.short_hash,
-        "family": components.family,
-        "native_size": components.native_size,
-        "unet_in_channels": unet.in_channels,
-        "cross_attention_dim": unet.cross_attention_dim,
-        "prediction_type": components.scheduler_config.get("prediction_type", "epsilon"),
-        "parameters": sum(
-            p.numel() for m in (components.unet, components.vae, components.text_encoder) for p in m.parameters()
-        ),
-        "defaults": components.recipe_defaults(),
-    }
+    """Show a model's format, hash, architecture and defaults (read from its files; no weights are loaded)."""
+    from spellbook.models.info import ModelCatalog, parameter_count
+    from spellbook.models.registry import ModelRegistry
+
+    settings = current_settings()
+    registry = ModelRegistry(settings)
+    entry = registry.resolve(name)
+    data = ModelCatalog(registry, allow_pickle=settings.allow_pickle).info_of(entry).to_dict()
+    data["parameters"] = parameter_count(entry)
     if as_json:
         _echo_json(data)
     else:
@@ -492,6 +472,8 @@ def toy_judge(
         data["matches"] = verdict.matches(**data["asked"])
     if as_json:
         _echo_json(data)
+        if prompt and not all(data["matches"].values()):
+            raise typer.Exit(1)
         return
     typer.echo(
         f"background {verdict.background}, colour {verdict.colour}, shape {verdict.shape}, position {verdict.position}"
@@ -499,6 +481,8 @@ def toy_judge(
     if prompt:
         wrong = [k for k, ok in data["matches"].items() if not ok]
         typer.echo("matches the prompt" if not wrong else f"differs from the prompt in: {', '.join(wrong)}")
+        if wrong:
+            raise typer.Exit(1)
 
 
 @toy_app.command("demo")
@@ -512,13 +496,14 @@ def toy_demo(
     """Generate one image with the built-in shapes model; print its path and the judge's verdict."""
     import time
 
+    from spellbook.recipe import ImageRequest
     from spellbook.toy.judge import judge_trained
     from spellbook.toy.prompts import attributes_of
 
     studio = _studio()
-    recipe, inputs, components = studio.prepare({"prompt": prompt, "seed": seed})
+    recipe = studio.plan(ImageRequest(prompt=prompt, seed=seed))
     started = time.perf_counter()
-    results = studio.run(recipe, inputs, components)
+    results = studio.run(recipe)
     seconds = time.perf_counter() - started
     saved = studio.save(results, out)[0]
     verdict = judge_trained(saved.image)
@@ -552,7 +537,7 @@ def toy_train(
     unet_iterations: Annotated[int | None, typer.Option(help="UNet iterations (default: as shipped).")] = None,
 ) -> None:
     """Train the shapes model from scratch (VAE, then UNet + text encoder, then decoder fine-tuning)."""
-    _quiet_libraries()
+    quiet_libraries()
     from spellbook.toy.train import TrainConfig, Trainer, export_model
 
     config = TrainConfig(seed=seed)
@@ -565,20 +550,33 @@ def toy_train(
                 f"{out} already has a checkpoint; pass --resume to continue it, or choose another --out", field="out"
             )
         trainer.load_checkpoint()
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    if sys.stderr.isatty():
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-    ) as bar:
-        task = bar.add_task("training", total=None)
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+        ) as bar:
+            task = bar.add_task("training", total=None)
+
+            def report(phase: str, step: int, total: int, loss: float) -> None:
+                bar.update(task, total=total, completed=step, description=f"{phase} loss {loss:.4f}")
+
+            finished = trainer.run(minutes=minutes, progress=report)
+    else:  # a log file or a pipe: a plain line every 30 seconds and at each phase's end
+        import time
+
+        last = {"at": 0.0, "phase": ""}
 
         def report(phase: str, step: int, total: int, loss: float) -> None:
-            bar.update(task, total=total, completed=step, description=f"{phase} loss {loss:.4f}")
+            now = time.monotonic()
+            if now - last["at"] >= 30 or step == total or phase != last["phase"]:
+                last.update(at=now, phase=phase)
+                typer.echo(f"{phase} {step}/{total} loss {loss:.4f}", err=True)
 
         finished = trainer.run(minutes=minutes, progress=report)
     if not finished:

@@ -86,3 +86,11 @@ class TooLarge(SpellbookError):
 class RateLimited(SpellbookError):
     code = "rate_limited"
     http_status = 429
+
+
+class GenerationFailed(SpellbookError):
+    """The engine made no usable image (NaN/inf values, one flat colour): a sampler that broke down on this model,
+    not a bad request. The job fails with this message (HTTP 500 where it is answered directly)."""
+
+    code = "generation_failed"
+    http_status = 500

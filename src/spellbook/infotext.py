@@ -28,13 +28,14 @@ from typing import Any
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from spellbook.recipe import split_schedule
+
 __all__ = [
     "format_infotext",
     "parse_infotext",
     "read_foreign_recipe",
     "read_png_text",
     "split_hashes",
-    "split_sampler_schedule",
     "write_png_text",
 ]
 
@@ -49,20 +50,6 @@ _KEY_RE = re.compile(r"\w(?:[\w \-/]*[\w\-/])?")
 _MIN_PARAMS_ON_LINE = 3
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*[x×]\s*(\d+)\s*$")
 
-# Schedule labels that old A1111 (before 1.9, no "Schedule type") appended to the sampler name, as in
-# "DPM++ 2M Karras". Longest first, so "SGM Uniform" wins over "Uniform".
-_SCHEDULE_SUFFIXES = (
-    "Align Your Steps",
-    "Polyexponential",
-    "SGM Uniform",
-    "Exponential",
-    "KL Optimal",
-    "Uniform",
-    "Karras",
-    "Simple",
-    "Normal",
-    "Beta",
-)
 
 # ComfyUI sampler_name -> A1111 sampler name. Names not listed are kept verbatim: a guess would be worse
 # than an honest unknown (e.g. the *_gpu variants draw noise differently).
@@ -292,15 +279,6 @@ def _load_json_object(text: str | None) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def split_sampler_schedule(sampler: str) -> tuple[str, str | None]:
-    """'DPM++ 2M Karras' (A1111 before 1.9) -> ('DPM++ 2M', 'Karras'); 'Euler a' -> ('Euler a', None)."""
-    for schedule in _SCHEDULE_SUFFIXES:
-        suffix = " " + schedule
-        if sampler.endswith(suffix) and len(sampler) > len(suffix):
-            return sampler[: -len(suffix)], schedule
-    return sampler, None
-
-
 def split_hashes(text: str) -> dict[str, str]:
     """'charlie: 0123456789ab, otter: 89abcdef0123' -> {'charlie': '0123456789ab', 'otter': '89abcdef0123'}."""
     hashes = {}
@@ -329,7 +307,7 @@ def _from_a1111(text: str) -> dict[str, Any]:
             result["sampler"] = value
         elif key == "Sampler":
             # Before A1111 1.9 the schedule was part of the name, and a plain name meant "Automatic".
-            result["sampler"], schedule = split_sampler_schedule(value)
+            result["sampler"], schedule = split_schedule(value)
             result["schedule"] = schedule or "Automatic"
         elif key == "Schedule type":
             result["schedule"] = value

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass, fields
+import os
+import threading
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,7 @@ from PIL import Image, UnidentifiedImageError
 
 from spellbook.errors import UserError
 from spellbook.infotext import format_infotext, read_foreign_recipe, read_png_text, write_png_text
-from spellbook.recipe import Build, Recipe
+from spellbook.recipe import Build, ImageRequest, Recipe
 
 RECIPE_CHUNK = "spellbook"
 INFOTEXT_CHUNK = "parameters"
@@ -49,18 +51,55 @@ def infotext(recipe: Recipe) -> str:
     return format_infotext(recipe.prompt, recipe.negative_prompt, infotext_params(recipe))
 
 
-def save_png(image: Image.Image, path: Path, recipe: Recipe) -> Path:
+@dataclass(frozen=True)
+class Result:
+    """One image made from a recipe: its pixels and recipe (for image `recipe.batch_index` of its batch), and
+    once written, where it lies and the hash of its pixels. Who asked for it travels with it (`job_id`,
+    `owner`), so the writer and the gallery need nothing else."""
+
+    image: Image.Image
+    recipe: Recipe
+    path: Path | None = None
+    sha256: str = ""  # image_sha256 of the pixels, set by write_result
+    job_id: str | None = None
+    owner: int | None = None
+
+
+def _chunks(recipe: Recipe) -> dict[str, str]:
+    return {INFOTEXT_CHUNK: infotext(recipe), RECIPE_CHUNK: recipe.to_json()}
+
+
+def write_result(result: Result, path: Path) -> Result:
+    """The one PNG writer: the image with its `parameters` and `spellbook` chunks, written atomically (a crash
+    leaves the old file or the new one, never half of one). Returns the result with its path and pixel hash."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_png_text(image, path, {INFOTEXT_CHUNK: infotext(recipe), RECIPE_CHUNK: recipe.to_json()})
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        write_png_text(result.image, tmp, _chunks(result.recipe))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return replace(result, path=path, sha256=result.sha256 or image_sha256(result.image))
+
+
+def write_png_bytes(data: bytes, path: Path) -> Path:
+    """PNG bytes a remote worker made with `png_bytes` (recipe chunks included), written as they are, atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
 def png_bytes(image: Image.Image, recipe: Recipe) -> bytes:
-    """The PNG file `save_png` would write, as bytes (for HTTP responses and remote workers)."""
+    """The PNG file `write_result` would write, as bytes (for remote workers)."""
     import io
 
     buffer = io.BytesIO()
-    write_png_text(image, buffer, {INFOTEXT_CHUNK: infotext(recipe), RECIPE_CHUNK: recipe.to_json()})
+    write_png_text(image, buffer, _chunks(recipe))
     return buffer.getvalue()
 
 
@@ -107,23 +146,31 @@ def read_metadata(path: Path) -> ImageMetadata:
     return ImageMetadata(found.get("source", "unknown"), None, found, chunks)
 
 
-def recipe_from_foreign(found: dict[str, Any], model_name: str | None = None) -> dict[str, Any]:
-    """A request (for make_recipe) from A1111/ComfyUI metadata; what the other tool knew, nothing invented."""
-    request: dict[str, Any] = {
-        "prompt": found.get("prompt", ""),
-        "negative_prompt": found.get("negative_prompt", ""),
-        "steps": found.get("steps"),
-        "sampler": found.get("sampler"),
-        "schedule": found.get("schedule"),
-        "guidance": found.get("cfg_scale"),
-        "seed": found.get("seed"),
-        "width": found.get("width"),
-        "height": found.get("height"),
-        "clip_skip": found.get("clip_skip"),
+def request_from_foreign(found: dict[str, Any], model_name: str | None = None) -> ImageRequest:
+    """The adapter for A1111/ComfyUI metadata: what the other tool recorded, as a request; nothing invented."""
+    return ImageRequest(
+        prompt=found.get("prompt", "") or "",
+        negative_prompt=found.get("negative_prompt", "") or "",
+        model=model_name,
+        sampler=found.get("sampler"),
+        schedule=found.get("schedule"),
+        steps=found.get("steps"),
+        guidance=found.get("cfg_scale"),
+        seed=found.get("seed"),
+        width=found.get("width"),
+        height=found.get("height"),
+        clip_skip=found.get("clip_skip"),
+    )
+
+
+def request_fields(request: ImageRequest) -> dict[str, Any]:
+    """The request's chosen values (None left out, no pixels) as JSON-ready fields."""
+    skip = {"init_image", "mask", "init_image_path", "mask_path"}
+    return {
+        f.name: getattr(request, f.name)
+        for f in fields(ImageRequest)
+        if f.name not in skip and getattr(request, f.name) not in (None, "")
     }
-    if model_name:
-        request["model"] = model_name
-    return {k: v for k, v in request.items() if v is not None}
 
 
 @dataclass(frozen=True)

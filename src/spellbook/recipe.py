@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import json
 import random
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -47,17 +48,49 @@ def suggest(value: str, options: tuple[str, ...] | list[str], n: int = 3) -> str
     return "known: " + ", ".join(options)
 
 
-def split_sampler(name: str) -> tuple[str, str | None]:
-    """'DPM++ 2M Karras' (A1111 before 1.9) -> ('DPM++ 2M', 'Karras'); names are matched case-insensitively."""
+# Schedule labels A1111 knows; before 1.9 (no "Schedule type") it appended them to the sampler name, as in
+# "DPM++ 2M Karras". Longest first, so "SGM Uniform" wins over "Uniform". We run those in SCHEDULES.
+A1111_SCHEDULES = (
+    "Align Your Steps",
+    "Polyexponential",
+    "SGM Uniform",
+    "Exponential",
+    "KL Optimal",
+    "Uniform",
+    "Automatic",
+    "Karras",
+    "Simple",
+    "Normal",
+    "Beta",
+)
+
+
+def split_schedule(name: str) -> tuple[str, str | None]:
+    """'DPM++ 2M Karras' -> ('DPM++ 2M', 'Karras'); 'Euler a' -> ('Euler a', None). Tolerant: names we do not
+    run are split too (a foreign image's infotext is read as written, and refused only when run)."""
     text = name.strip()
-    by_lower = {s.lower(): s for s in SAMPLERS}
-    if text.lower() in by_lower:
-        return by_lower[text.lower()], None
-    for schedule in SCHEDULES[1:]:
+    if text.lower() in {s.lower() for s in SAMPLERS}:
+        return text, None
+    for schedule in A1111_SCHEDULES:
         suffix = " " + schedule.lower()
-        if text.lower().endswith(suffix) and text.lower()[: -len(suffix)] in by_lower:
-            return by_lower[text.lower()[: -len(suffix)]], schedule
-    raise UserError(f"unknown sampler {name!r}; {suggest(text, SAMPLERS)}", field="sampler")
+        if text.lower().endswith(suffix) and len(text) > len(suffix):
+            return text[: -len(suffix)], schedule
+    return text, None
+
+
+def parse_sampler(sampler: str, schedule: str | None = None) -> tuple[str, str]:
+    """The one place sampler names are read: an A1111 sampler name (any case; 'DPM++ 2M Karras' carries its
+    schedule) and an optional schedule -> (sampler, schedule), canonical. A schedule in the name wins over
+    `schedule`; no schedule at all means Automatic."""
+    name, from_name = split_schedule(sampler)
+    by_lower = {s.lower(): s for s in SAMPLERS}
+    if name.lower() not in by_lower:
+        raise UserError(f"unknown sampler {sampler!r}; {suggest(sampler.strip(), SAMPLERS)}", field="sampler")
+    chosen = (from_name or schedule or "Automatic").strip()
+    schedules = {s.lower(): s for s in SCHEDULES}
+    if chosen.lower() not in schedules:
+        raise UserError(f"unknown schedule {chosen!r}; {suggest(chosen, SCHEDULES)}", field="schedule")
+    return by_lower[name.lower()], schedules[chosen.lower()]
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -275,12 +308,7 @@ def validate(recipe: Recipe, limits: Limits = Limits()) -> Recipe:
         raise UserError(f"unknown kind {r.kind!r}; known: {', '.join(KINDS)}", field="kind")
     if not r.prompt.strip() and r.kind == "txt2img" and not r.negative_prompt:
         pass  # an empty prompt is allowed: it samples the unconditional distribution
-    sampler, schedule_from_name = split_sampler(r.sampler)
-    schedule = schedule_from_name or r.schedule
-    by_lower = {s.lower(): s for s in SCHEDULES}
-    if schedule.lower() not in by_lower:
-        raise UserError(f"unknown schedule {schedule!r}; {suggest(schedule, SCHEDULES)}", field="schedule")
-    schedule = by_lower[schedule.lower()]
+    sampler, schedule = parse_sampler(r.sampler, r.schedule)
     if not 1 <= r.steps <= limits.max_steps:
         raise UserError(f"steps {r.steps}: must be between 1 and {limits.max_steps}", field="steps")
     if not 0.0 <= r.guidance <= 30.0:
@@ -321,29 +349,90 @@ def validate(recipe: Recipe, limits: Limits = Limits()) -> Recipe:
     return replace(r, sampler=sampler, schedule=schedule)
 
 
+@dataclass(frozen=True)
+class ImageRequest:
+    """What a user asked for, from any entry point (CLI flags, the native API, the A1111 API, a gallery remix,
+    `reproduce` of a foreign image): only the choices they made; None means "the model's default".
+
+    Each entry point has one small adapter that builds this; `make_recipe` is the one place that turns it into
+    a validated Recipe. Words are ours: `guidance` (A1111's CFG scale), `schedule` (A1111's schedule type).
+    Image inputs are pixels here; the recipe keeps them by content hash.
+    """
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    kind: str = "txt2img"
+    model: str | None = None  # a name in the models folder (or, from the local CLI, a path)
+    vae: str | None = None
+    sampler: str | None = None  # an A1111 name; 'DPM++ 2M Karras' carries its schedule
+    schedule: str | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    seed: int | None = None  # None or -1: a random seed, recorded in the recipe
+    batch_size: int | None = None
+    width: int | None = None
+    height: int | None = None
+    strength: float | None = None
+    clip_skip: int | None = None
+    init_image: Any = None  # PIL image: img2img / inpaint
+    mask: Any = None  # PIL image: inpaint, white = repaint
+    init_image_path: str = ""  # where the init image was read from (recorded as a hint for `reproduce`)
+    mask_path: str = ""
+
+    def with_(self, **changes: Any) -> ImageRequest:
+        return replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ImageRequest:
+        """From a plain mapping with these field names (None values skipped); `size` may be 'WxH' or (w, h).
+        Unknown names are an error naming the field."""
+        values = {k: v for k, v in data.items() if v is not None}
+        if "size" in values:
+            size = values.pop("size")
+            values["width"], values["height"] = parse_size(size) if isinstance(size, str) else size
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UserError(f"unknown field {unknown[0]!r}; known fields: {', '.join(sorted(known))}", field=unknown[0])
+        return cls(**values)
+
+
+_REQUEST_ONLY = {"model", "vae", "init_image", "mask", "init_image_path", "mask_path"}
+
+
 def make_recipe(
-    request: dict[str, Any],
-    defaults: dict[str, Any],
+    request: ImageRequest | Mapping[str, Any],
+    defaults: Mapping[str, Any],
     *,
+    model: ModelRef | None = None,
+    vae: ModelRef | None = None,
+    init_image: InputRef | None = None,
+    mask: InputRef | None = None,
+    concepts: tuple[ConceptRef, ...] = (),
+    build: Build | None = None,
     limits: Limits = Limits(),
     rng: random.Random | None = None,
 ) -> Recipe:
     """A request (only what the user chose) + the model's defaults -> a validated Recipe.
 
-    `size` may be given as 'WxH'; `seed` -1 or None picks a random seed, recorded in the recipe.
+    What the request names by name or pixels (model, VAE, init image, mask) arrives resolved, as refs; a seed
+    of -1 or None picks a random seed, recorded in the recipe.
     """
-    merged = {k: v for k, v in defaults.items() if v is not None}
-    merged.update({k: v for k, v in request.items() if v is not None})
-    if "size" in merged:
-        size = merged.pop("size")
-        merged["width"], merged["height"] = parse_size(size) if isinstance(size, str) else size
+    if not isinstance(request, ImageRequest):
+        request = ImageRequest.from_dict(request)
+    if (request.init_image is not None and init_image is None) or (request.mask is not None and mask is None):
+        raise ValueError("make_recipe takes image inputs as refs: store them first (Studio.plan does) and pass them")
+    chosen = {
+        f.name: getattr(request, f.name)
+        for f in fields(ImageRequest)
+        if f.name not in _REQUEST_ONLY and getattr(request, f.name) is not None
+    }
+    merged = {k: v for k, v in defaults.items() if v is not None and k in {f.name for f in fields(Recipe)}}
+    merged.update(chosen)
     if merged.get("seed") in (None, -1):
         merged["seed"] = (rng or random.SystemRandom()).randint(0, MAX_SEED)
-    known = {f.name for f in fields(Recipe)}
-    unknown = sorted(set(merged) - known)
-    if unknown:
-        raise UserError(f"unknown field {unknown[0]!r}", field=unknown[0])
-    values = {
-        k: _convert(k, v) if not isinstance(v, (ModelRef, InputRef, Build, tuple)) else v for k, v in merged.items()
-    }
+    values = {k: _convert(k, v) for k, v in merged.items()}
+    values.update(init_image=init_image, mask=mask, concepts=tuple(concepts), build=build, vae=vae)
+    if model is not None:
+        values["model"] = model
     return validate(Recipe(**values), limits)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, fields, replace
+from datetime import UTC, datetime
 from pathlib import Path
 
 
@@ -74,6 +75,11 @@ class Settings:
     @property
     def images_dir(self) -> Path:
         return self.home / "images"
+
+    def image_path(self, name: str, when: datetime | None = None) -> Path:
+        """The one place image paths are made: images/YYYY/MM/DD/NAME under the home (UTC date, now by default)."""
+        when = when or datetime.now(UTC)
+        return self.images_dir / f"{when:%Y}" / f"{when:%m}" / f"{when:%d}" / name
 
     @property
     def inputs_dir(self) -> Path:

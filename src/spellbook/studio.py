@@ -1,51 +1,56 @@
-"""The studio: what the CLI and the server call. Request -> Recipe -> images on disk with their recipe.
+"""The studio: requests become recipes (`plan`, metadata only), recipes become images (`run`, weights).
 
-It ties models, the engine and provenance together; each of those stays usable on its own.
+Every entry point (CLI, native API, A1111 API, gallery remix, `reproduce`) builds an `ImageRequest` and calls
+`plan`, which resolves the model to its `ModelInfo` (no weights), keeps image inputs by content hash and
+makes the Recipe. The API process stops there and queues the recipe. `run` is the worker half: it loads the
+components the recipe names (checked by hash) and calls the engine. Writing PNGs is provenance's job, filing
+them the gallery's.
 """
 
 from __future__ import annotations
 
 import re
 import threading
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
 from spellbook.concepts.library import ConceptLibrary
-from spellbook.engine.pipeline import GenerationInputs, ProgressCallback, check_mask_size, generate, to_pil
-from spellbook.engine.prompts import check_concepts
+from spellbook.engine.pipeline import GenerationInputs, StepCallback, check_mask_size, generate, to_pil
+from spellbook.engine.prompts import check_concept_widths
 from spellbook.errors import NotFound, UserError
 from spellbook.models.components import Components
+from spellbook.models.info import ModelCatalog, ModelInfo
 from spellbook.models.loading import ModelCache
+from spellbook.models.registry import ModelEntry
 from spellbook.provenance import (
     Comparison,
+    Result,
     compare,
     image_sha256,
     open_image,
     read_metadata,
-    recipe_from_foreign,
-    save_png,
+    request_from_foreign,
+    write_result,
 )
-from spellbook.recipe import Build, InputRef, Limits, ModelRef, Recipe, make_recipe, validate
+from spellbook.recipe import Build, ImageRequest, InputRef, Limits, ModelRef, Recipe, make_recipe, validate
 from spellbook.settings import Settings
 
 _NUMBERED = re.compile(r"^(\d{5})-")
-
-
-@dataclass(frozen=True)
-class Result:
-    image: Image.Image
-    recipe: Recipe
-    path: Path | None = None
+DEFAULT_MODEL = "shapes"
 
 
 class Studio:
     def __init__(self, settings: Settings | None = None, cache: ModelCache | None = None):
         self.settings = settings or Settings.from_env()
         self.cache = cache or ModelCache(self.settings)
+        self.catalog = ModelCatalog(self.cache.registry, allow_pickle=self.settings.allow_pickle)
         self.concepts = ConceptLibrary(self.settings)
+        # Models and VAEs the local CLI named by path, by content hash: a recipe records only name and hash.
+        self._model_paths: dict[str, ModelEntry] = {}
+        self._vae_paths: dict[str, Path] = {}
         if self.settings.threads:
             import torch
 
@@ -56,73 +61,75 @@ class Studio:
         s = self.settings
         return Limits(max_pixels=s.max_pixels, max_batch=s.max_batch, max_steps=s.max_steps)
 
-    # ------------------------------------------------------------------------------------- preparing
-    def components_for(self, model: str | None, vae: str | None = None, *, allow_paths: bool = True) -> Components:
-        components, _ = self._components_and_vae(model, vae, allow_paths=allow_paths)
-        return components
+    def build(self) -> Build:
+        return Build.current(self.settings.device, self.settings.dtype)
 
-    def _components_and_vae(
-        self, model: str | None, vae: str | None, *, allow_paths: bool
-    ) -> tuple[Components, ModelRef | None]:
-        components = self.cache.load(model or "shapes", allow_paths=allow_paths)
-        if not vae:
-            return components, None
-        vae_module, vae_ref = self.cache.load_vae(vae, allow_paths=allow_paths)
-        return components.with_vae(vae_module), vae_ref
+    # --------------------------------------------------------------------------- planning (no weights)
+    def model_info(self, model: str | None, *, allow_paths: bool = True) -> ModelInfo:
+        """A model's metadata by name (or, where allowed, path), read from its files' headers and configs."""
+        entry = self.cache.registry.resolve(model or DEFAULT_MODEL, allow_paths=allow_paths)
+        info = self.catalog.info_of(entry)
+        self._model_paths[info.sha256] = entry  # so `run` loads exactly what was planned, path or name
+        return info
 
-    def prepare(
-        self,
-        request: dict[str, Any],
-        *,
-        init_image: Image.Image | None = None,
-        mask: Image.Image | None = None,
-        allow_paths: bool = True,
-    ) -> tuple[Recipe, GenerationInputs, Components]:
-        """Validate a request and resolve everything it names; nothing runs yet."""
-        request = dict(request)
-        components, request["vae"] = self._components_and_vae(
-            request.pop("model", None), request.get("vae"), allow_paths=allow_paths
-        )
-        defaults = components.recipe_defaults()
-        kind = request.get("kind", "txt2img")
-        inputs = GenerationInputs()
-        if kind in ("img2img", "inpaint"):
-            if init_image is None:
-                raise UserError(f"{kind} needs an init image", field="init_image")
-            if "size" not in request and "width" not in request:
+    def vae_ref(self, vae: str, *, allow_paths: bool = True) -> ModelRef:
+        path, ref = self.cache.vae_ref(vae, allow_paths=allow_paths)
+        self._vae_paths[ref.sha256] = path
+        return ref
+
+    def plan(self, request: ImageRequest | Mapping[str, Any], *, allow_paths: bool = True) -> Recipe:
+        """Validate a request and resolve everything it names, without loading any weights; nothing runs yet."""
+        if not isinstance(request, ImageRequest):
+            request = ImageRequest.from_dict(request)
+        # 1. The model and VAE, by metadata.
+        info = self.model_info(request.model, allow_paths=allow_paths)
+        vae = self.vae_ref(request.vae, allow_paths=allow_paths) if request.vae else None
+        defaults = dict(info.defaults)
+        # 2. Image inputs, kept by content hash so the recipe can name them.
+        init_ref = mask_ref = None
+        if request.kind in ("img2img", "inpaint"):
+            if request.init_image is None:
+                raise UserError(f"{request.kind} needs an init image", field="init_image")
+            image = request.init_image
+            if request.width is None and request.height is None:
                 # The init image's own size, rounded down to a multiple of 8 (at least 8).
-                defaults["width"] = max(8, init_image.width // 8 * 8)
-                defaults["height"] = max(8, init_image.height // 8 * 8)
-            request["init_image"] = self._store_input(init_image, request.pop("init_image_path", ""))
-            inputs.init_image = init_image
-            if kind == "inpaint":
-                if mask is None:
+                defaults["width"], defaults["height"] = max(8, image.width // 8 * 8), max(8, image.height // 8 * 8)
+            init_ref = self._store_input(image, request.init_image_path)
+            if request.kind == "inpaint":
+                if request.mask is None:
                     raise UserError("inpaint needs a mask", field="mask")
-                check_mask_size(init_image, mask)
-                request["mask"] = self._store_input(mask, request.pop("mask_path", ""))
-                inputs.mask = mask
-        request.pop("init_image_path", None)
-        request.pop("mask_path", None)
-        request.pop("concepts", None)  # decided by the prompt and the library, below
-        request["build"] = Build.current(self.settings.device, self.settings.dtype)
-        recipe = make_recipe(request, defaults, limits=self.limits)
-        recipe = recipe.with_(model=ModelRef(components.ref.name, components.ref.sha256))
-        # Concepts: the library's names that the prompts mention, recorded with their file hashes.
-        concepts, inputs.concepts = self.concepts.resolve(recipe.prompt, recipe.negative_prompt)
-        check_concepts(inputs.concepts, components.text_encoder, components.ref.name)
-        return recipe.with_(concepts=concepts), inputs, components
+                check_mask_size(image, request.mask)
+                mask_ref = self._store_input(request.mask, request.mask_path)
+        # 3. Concepts: the library's names that the prompts mention, recorded with their file hashes.
+        concepts, vectors = self.concepts.resolve(request.prompt, request.negative_prompt)
+        check_concept_widths(vectors, info.text_width, info.name)
+        recipe = make_recipe(
+            request,
+            defaults,
+            model=info.ref,
+            vae=vae,
+            init_image=init_ref,
+            mask=mask_ref,
+            concepts=concepts,
+            build=self.build(),
+            limits=self.limits,
+        )
+        # 4. A sampler/schedule pair that cannot run on this model's noise schedule is refused now, not in the worker.
+        from spellbook.engine.samplers import check_pair
+
+        check_pair(recipe.sampler, recipe.schedule, info.scheduler_config, recipe.steps)
+        return recipe
 
     def store_input(self, image: Image.Image) -> InputRef:
         """Keep an input picture by content hash (inputs/<sha256>.png), as init images and masks are kept."""
         return self._store_input(image, "")
 
     def _store_input(self, image: Image.Image, original_path: str) -> InputRef:
-        """Keep init images and masks by content hash, so `reproduce` finds them later."""
         digest = image_sha256(image)
         target = self.settings.inputs_dir / f"{digest}.png"
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_suffix(".tmp.png")
+            tmp = target.with_name(f".{digest}.{threading.get_ident()}.tmp.png")
             image.save(tmp)
             tmp.replace(target)
         return InputRef(digest, str(original_path))
@@ -142,113 +149,120 @@ class Studio:
             field=field,
         )
 
-    # ------------------------------------------------------------------------------------ generating
+    # ---------------------------------------------------------------------------- running (workers)
+    def components_for(self, model: str | None, *, allow_paths: bool = True) -> Components:
+        return self.cache.load(model or DEFAULT_MODEL, allow_paths=allow_paths)
+
+    def components_for_recipe(self, recipe: Recipe, model: str | None = None) -> Components:
+        """The components a recipe names (its model by name, checked by hash, or found by hash; its VAE)."""
+        if model:
+            components = self.components_for(model)
+        elif recipe.model.sha256 in self._model_paths:
+            components = self.cache.load_entry(self._model_paths[recipe.model.sha256])
+        else:
+            components = self._recorded_model(recipe)
+        if recipe.vae:
+            where = self._vae_paths.get(recipe.vae.sha256)
+            vae, _ = self.cache.load_vae(str(where) if where else recipe.vae.name, allow_paths=where is not None)
+            components = components.with_vae(vae)
+        return components
+
+    def _recorded_model(self, recipe: Recipe) -> Components:
+        try:
+            components = self.components_for(recipe.model.name, allow_paths=False)
+            if not recipe.model.sha256 or components.ref.sha256 == recipe.model.sha256:
+                return components
+        except NotFound:
+            components = None
+        info = self.catalog.by_hash(recipe.model.sha256)
+        if info is not None:
+            return self.components_for(info.name, allow_paths=False)
+        if components is not None:
+            raise UserError(
+                f"model {recipe.model.name!r} has changed since this recipe was made (sha256 "
+                f"{recipe.model.short_hash} recorded, {components.ref.short_hash} now); pass --model to use "
+                "another model anyway",
+                field="model",
+            )
+        raise NotFound(
+            f"model {recipe.model.name!r} (hash {recipe.model.short_hash}) is not in the models folder; "
+            "add it with `spellbook models add PATH` or pass --model PATH",
+            field="model",
+        )
+
+    def inputs_for_recipe(self, recipe: Recipe) -> GenerationInputs:
+        """The init image, mask and concept vectors a recipe references by hash."""
+        return GenerationInputs(
+            init_image=self.load_input(recipe.init_image, "init_image") if recipe.init_image else None,
+            mask=self.load_input(recipe.mask, "mask") if recipe.mask else None,
+            concepts=self.concepts.vectors_for(recipe.concepts),  # each checked against its recorded hash
+        )
+
     def run(
         self,
         recipe: Recipe,
-        inputs: GenerationInputs,
-        components: Components,
         *,
-        progress: ProgressCallback | None = None,
+        model: str | None = None,
+        on_step: StepCallback | None = None,
         cancel: threading.Event | None = None,
     ) -> list[Result]:
-        arrays = generate(components, recipe, inputs, progress=progress, cancel=cancel)
+        """The whole batch of one recipe: one Result per image (each with its own batch index)."""
+        components = self.components_for_recipe(recipe, model)
+        [arrays] = generate(components, [recipe], self.inputs_for_recipe(recipe), on_step=on_step, cancel=cancel)
         return [Result(image, recipe.for_image(i)) for i, image in enumerate(to_pil(arrays))]
 
     def save(self, results: list[Result], out_dir: Path) -> list[Result]:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        """Write results into a folder as NNNNN-SEED.png (numbering continues what the folder holds)."""
         number = next_image_number(out_dir)
-        saved = []
-        for offset, result in enumerate(results):
-            path = out_dir / f"{number + offset:05d}-{result.recipe.image_seed}.png"
-            save_png(result.image, path, result.recipe)
-            saved.append(Result(result.image, result.recipe, path))
-        return saved
+        return [
+            write_result(result, out_dir / f"{number + offset:05d}-{result.recipe.image_seed}.png")
+            for offset, result in enumerate(results)
+        ]
 
     # ------------------------------------------------------------------------------------ provenance
-    def recipe_of(self, path: Path, model: str | None = None) -> tuple[Recipe, GenerationInputs, Components]:
+    def recipe_of(self, path: Path, model: str | None = None) -> Recipe:
         """The recipe inside an image, ready to run again (ours exactly; A1111/ComfyUI as far as they say)."""
         meta = read_metadata(path)
         if meta.recipe is not None:
             recipe = meta.recipe
-            components = self._recorded_model(recipe, model)
-            if model is None and recipe.model.sha256 and components.ref.sha256 != recipe.model.sha256:
-                raise UserError(
-                    f"model {recipe.model.name!r} has changed since this image was made (sha256 "
-                    f"{recipe.model.short_hash} recorded, {components.ref.short_hash} now); pass --model to use "
-                    "another model anyway",
-                    field="model",
-                )
-            if recipe.vae:
-                components = components.with_vae(self.cache.load_vae(recipe.vae.name)[0])
-            inputs = GenerationInputs(
-                init_image=self.load_input(recipe.init_image, "init_image") if recipe.init_image else None,
-                mask=self.load_input(recipe.mask, "mask") if recipe.mask else None,
-                concepts=self.concepts.vectors_for(recipe.concepts),  # each checked against its recorded hash
-            )
-            return validate(recipe, self.limits), inputs, components
+            if model is None and recipe.model.sha256:
+                try:
+                    info = self.model_info(recipe.model.name, allow_paths=False)
+                except NotFound:
+                    info = None
+                if (
+                    info is not None
+                    and info.sha256 != recipe.model.sha256
+                    and not self.catalog.by_hash(recipe.model.sha256)
+                ):
+                    raise UserError(
+                        f"model {recipe.model.name!r} has changed since this image was made (sha256 "
+                        f"{recipe.model.short_hash} recorded, {info.sha256[:10]} now); pass --model to use "
+                        "another model anyway",
+                        field="model",
+                    )
+            return validate(recipe, self.limits)
         if meta.foreign is not None:
             # The model the other tool recorded, by name (A1111: "Model", ComfyUI: the checkpoint file), unless
             # the user names one; never silently another model.
             recorded = Path(str(meta.foreign["model"])).stem if meta.foreign.get("model") else None
-            request = recipe_from_foreign(meta.foreign, model or recorded)
-            recipe, inputs, components = self.prepare(request)
-            return recipe, inputs, components
+            return self.plan(request_from_foreign(meta.foreign, model or recorded))
         raise UserError(f"{path} carries no recipe (no Spellbook, A1111 or ComfyUI metadata)", field="image")
 
-    def components_for_recipe(self, recipe: Recipe) -> Components:
-        """The components a validated recipe names (model by name or hash, its VAE), as a worker needs them."""
-        components = self._recorded_model(recipe, None)
-        if recipe.vae:
-            components = components.with_vae(self.cache.load_vae(recipe.vae.name, allow_paths=False)[0])
-        return components
-
-    def inputs_for_recipe(self, recipe: Recipe) -> GenerationInputs:
-        """The init image and mask a recipe references by hash, from the inputs folder."""
-        return GenerationInputs(
-            init_image=self.load_input(recipe.init_image, "init_image") if recipe.init_image else None,
-            mask=self.load_input(recipe.mask, "mask") if recipe.mask else None,
-            concepts=self.concepts.vectors_for(recipe.concepts),
-        )
-
-    def _recorded_model(self, recipe: Recipe, model: str | None) -> Components:
-        """The model a recipe names; found by name, or by content hash when it was run from a path."""
-        if model:
-            return self.components_for(model)
-        try:
-            return self.components_for(recipe.model.name)
-        except NotFound:
-            for entry in self.cache.registry.list():
-                if recipe.model.sha256 and self.cache.registry.sha256(entry) == recipe.model.sha256:
-                    return self.cache.load_entry(entry)
-            raise NotFound(
-                f"model {recipe.model.name!r} (hash {recipe.model.short_hash}) is not in the models folder; "
-                "add it with `spellbook models add PATH` or pass --model PATH",
-                field="model",
-            ) from None
-
-    def reproduce(self, path: Path, model: str | None = None, progress: ProgressCallback | None = None) -> Result:
+    def reproduce(self, path: Path, model: str | None = None, on_step: StepCallback | None = None) -> Result:
         """Run the recipe again: the whole batch, as it ran, and keep this image's place in it."""
-        recipe, inputs, components = self.recipe_of(path, model)
-        results = self.run(
-            recipe.with_(build=Build.current(self.settings.device, self.settings.dtype)),
-            inputs,
-            components,
-            progress=progress,
-        )
+        recipe = self.recipe_of(path, model)
+        results = self.run(recipe.with_(build=self.build()), model=model, on_step=on_step)
         return results[recipe.batch_index]
 
     def verify(
-        self, path: Path, model: str | None = None, progress: ProgressCallback | None = None
+        self, path: Path, model: str | None = None, on_step: StepCallback | None = None
     ) -> tuple[Comparison, Result]:
         meta = read_metadata(path)
         if meta.recipe is None:
             raise UserError(f"{path} has no Spellbook recipe; only Spellbook images can be verified", field="image")
-        result = self.reproduce(path, model=model, progress=progress)
-        recorded = open_image(path)
-        return compare(
-            recorded, result.image, meta.recipe.build, Build.current(self.settings.device, self.settings.dtype)
-        ), result
+        result = self.reproduce(path, model=model, on_step=on_step)
+        return compare(open_image(path), result.image, meta.recipe.build, self.build()), result
 
 
 def next_image_number(out_dir: Path) -> int:

@@ -19,10 +19,10 @@ Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.
 
 
 def _library():
+    from spellbook.cli_context import current_settings
     from spellbook.concepts.library import ConceptLibrary
-    from spellbook.settings import Settings
 
-    return ConceptLibrary(Settings.from_env())
+    return ConceptLibrary(current_settings())
 
 
 def _echo_json(data) -> None:

@@ -462,10 +462,12 @@ def train_concept(
     # 4. Into the library, with a sample grid; the checkpoint is no longer needed.
     path = library.add(trainer.concept(), overwrite=request.overwrite)
     if request.sample:
-        recipe, inputs, sample_components = studio.prepare(
-            {"prompt": f"a <{name}>", "seed": 0, "batch_size": 4, "model": model or components.ref.name}
+        from spellbook.recipe import ImageRequest
+
+        recipe = studio.plan(
+            ImageRequest(prompt=f"a <{name}>", seed=0, batch_size=4, model=model or components.ref.name)
         )
-        grid = image_grid([r.image for r in studio.run(recipe, inputs, sample_components)], columns=4)
+        grid = image_grid([r.image for r in studio.run(recipe)], columns=4)
         grid.save(path.with_suffix(".png"))
     shutil.rmtree(work_dir, ignore_errors=True)
     final_loss = trainer.state.losses[-1] if trainer.state.losses else float("nan")

@@ -1,5 +1,5 @@
 """The engine: Components + Recipe -> images. Pure compute: no database, no files, no HTTP."""
 
-from spellbook.engine.pipeline import GenerationInputs, Progress, generate
+from spellbook.engine.pipeline import GenerationInputs, StepCallback, generate
 
-__all__ = ["GenerationInputs", "Progress", "generate"]
+__all__ = ["GenerationInputs", "StepCallback", "generate"]

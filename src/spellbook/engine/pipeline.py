@@ -1,14 +1,17 @@
 """txt2img, img2img and inpaint: Components + Recipe -> images (float arrays in [0, 1]).
 
+One entry, `generate(components, recipes, inputs)`, for every image: one recipe or several that share a
+forward pass (the worker's cross-job batches), txt2img, img2img and inpaint.
 The denoising loops are diffusers' own pipelines (StableDiffusionPipeline, …Img2ImgPipeline,
-…InpaintPipeline), assembled around our components per call: we add the prompt syntax, the per-image CPU
-noise, the A1111 sampler names, progress, cancellation and the inpainting overlay, and nothing else.
+…InpaintPipeline), assembled around our components per forward pass (`_denoise`): we add the prompt syntax
+(encoded once per prompt: the components' prompt cache), the per-image CPU noise, the A1111 sampler names,
+progress, cancellation and the inpainting overlay, and nothing else.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,20 +19,16 @@ import torch
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline
 from PIL import Image, ImageFilter
 
+from spellbook.engine.guards import check_images
 from spellbook.engine.noise import image_generators, initial_latents
-from spellbook.engine.prompts import check_concepts, encode_prompt_pair
+from spellbook.engine.prompts import check_concepts, encode_prompt_pair, prompt_signature
 from spellbook.engine.samplers import SAMPLER_SPECS, make_scheduler
 from spellbook.errors import Cancelled, UserError
 from spellbook.models.components import Components
 from spellbook.recipe import Recipe
 
-
-@dataclass(frozen=True)
-class Progress:
-    step: int  # 1-based
-    total: int
-    image_offset: int  # first image of the batch this step belongs to (batches that run image by image)
-    latents: torch.Tensor
+# After every denoising step: (step, total, latents), step 1-based, as k-diffusion's samplers call back.
+StepCallback = Callable[[int, int, torch.Tensor], None]
 
 
 @dataclass
@@ -41,40 +40,108 @@ class GenerationInputs:
     concepts: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> vectors (n, width)
 
 
-ProgressCallback = Callable[[Progress], None]
+@dataclass(frozen=True)
+class _Slice:
+    """Images `start` .. `start + count - 1` of recipe number `index`'s batch, with its encoded prompts."""
+
+    index: int
+    recipe: Recipe
+    positive: torch.Tensor
+    negative: torch.Tensor
+    start: int
+    count: int
 
 
 def generate(
     components: Components,
-    recipe: Recipe,
+    recipes: Recipe | Sequence[Recipe],
     inputs: GenerationInputs | None = None,
     *,
-    progress: ProgressCallback | None = None,
+    on_step: StepCallback | None = None,
     cancel: threading.Event | None = None,
     overlay: bool = True,
-) -> np.ndarray:
-    """Run the whole batch of `recipe`; returns float32 images (batch, height, width, 3) in [0, 1].
+) -> list[np.ndarray]:
+    """Run whole batches; returns one float32 array (batch, height, width, 3) in [0, 1] per recipe (a list of one
+    for a single recipe).
 
-    `overlay` (inpaint only) pastes the original pixels back outside the (blurred) mask, as A1111 does, so
-    what was not masked stays exactly as it was.
+    Several recipes run together only if they can share a forward pass (`can_share_batch`: txt2img, a
+    batch-invariant sampler, equal in all but prompt, negative prompt, seed and batch size); otherwise this is a
+    ValueError, not a silent sequential run: the caller groups its recipes (queue/worker.py). Each image still
+    gets its own noise from seed + index, so image for image the result equals separate runs up to float
+    rounding of the larger matrix products (about 1e-6; see docs/server.md). `inputs` carries the init image,
+    mask and the concept vectors the recipes name (all the same: that is part of sharing a batch).
+
+    `on_step(step, total, latents)` runs after every denoising step, step 1..total over the whole call: work
+    that takes several forward passes (prompts of different lengths, a sampler run image by image) counts on.
+    `cancel` stops between steps with `Cancelled`. `overlay` (inpaint only) pastes the original pixels back
+    outside the mask, as A1111 does, so what was not masked stays exactly as it was.
     """
+    recipes = [recipes] if isinstance(recipes, Recipe) else list(recipes)
     inputs = inputs or GenerationInputs()
-    # 1. Check inputs.
-    init_image, mask = _check_inputs(components, recipe, inputs)
-    concepts = _concepts(components, recipe, inputs)
-    # 2. A batch whose sampler draws one noise stream for all images runs image by image (batch invariance).
-    groups = [(0, recipe.batch_size)]
-    if not SAMPLER_SPECS[recipe.sampler].batch_invariant:
-        groups = [(i, 1) for i in range(recipe.batch_size)]
-    outputs = [
-        _run_group(components, recipe, init_image, mask, concepts, start, count, progress, cancel)
-        for start, count in groups
+    # 1. Check inputs: recipes that run together must be able to share a batch.
+    if not recipes:
+        raise ValueError("generate needs at least one recipe, got an empty list")
+    first = recipes[0]
+    for recipe in recipes[1:]:
+        mismatch = _batch_mismatch(first, recipe)
+        if mismatch:
+            raise ValueError(f"these recipes cannot share a forward pass: {mismatch}; run them in separate calls")
+    init_image, mask = _check_inputs(components, first, inputs)
+    concepts = _concepts(components, first, inputs)
+    # 2. Encode each prompt once (A1111 syntax, long prompts, concepts); a repeated prompt comes from the cache.
+    slices = [
+        _Slice(index, recipe, *encode_conditioning(components, recipe, concepts), 0, recipe.batch_size)
+        for index, recipe in enumerate(recipes)
     ]
-    images = np.concatenate(outputs).astype(np.float32)
-    # 3. Inpainting: keep the unmasked pixels exactly.
-    if recipe.kind == "inpaint" and overlay:
-        images = _overlay(images, init_image, mask)
-    return images
+    # 3. Plan the forward passes: prompts of different lengths (75-token chunks) cannot share a tensor; a batch
+    #    whose sampler draws one noise stream for all images runs image by image (batch invariance).
+    by_shape: dict[tuple[int, ...], list[_Slice]] = {}
+    for piece in slices:
+        by_shape.setdefault(tuple(piece.positive.shape), []).append(piece)
+    passes = list(by_shape.values())
+    if not SAMPLER_SPECS[first.sampler].batch_invariant:
+        passes = [[_Slice(x.index, x.recipe, x.positive, x.negative, i, 1)] for x in slices for i in range(x.count)]
+    # 4. Denoise and decode pass after pass; the step count runs on across passes.
+    pieces: list[list[np.ndarray]] = [[] for _ in recipes]
+    for number, group in enumerate(passes):
+        images = _denoise(components, group, init_image, mask, _step_reporter(on_step, cancel, number, len(passes)))
+        offsets = np.cumsum([0] + [piece.count for piece in group])
+        for piece, start, end in zip(group, offsets[:-1], offsets[1:]):
+            pieces[piece.index].append(images[start:end])
+    results = [np.concatenate(parts).astype(np.float32) for parts in pieces]
+    for recipe, images in zip(recipes, results):
+        check_images(images, recipe)  # NaN/inf or a flat image: a clear failure, never a silent black PNG
+    # 5. Inpainting: keep the unmasked pixels exactly.
+    if first.kind == "inpaint" and overlay:
+        results = [_overlay(images, init_image, mask) for images in results]
+    return results
+
+
+def encode_conditioning(
+    components: Components, recipe: Recipe, concepts: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The recipe's (positive, negative) prompt embeddings, each (1, 77 * chunks, width), through the components'
+    prompt cache: keyed by model, text-encoder state, the concepts' vectors, prompts and clip skip."""
+    key = prompt_signature(
+        components.ref.sha256,
+        components.text_encoder,
+        recipe.prompt,
+        recipe.negative_prompt,
+        recipe.clip_skip,
+        concepts,
+    )
+    return components.prompt_cache.get_or_encode(
+        key,
+        components.text_encoder,
+        lambda: encode_prompt_pair(
+            components.tokenizer,
+            components.text_encoder,
+            recipe.prompt,
+            recipe.negative_prompt,
+            recipe.clip_skip,
+            concepts,
+        ),
+    )
 
 
 def _check_inputs(
@@ -129,8 +196,10 @@ def _mask_to_l(mask: Image.Image) -> Image.Image:
 
 
 def _pipeline(components: Components, recipe: Recipe, noise_seed: int):
-    scheduler = make_scheduler(recipe.sampler, recipe.schedule, components.scheduler_config, noise_seed)
-    _check_timesteps(scheduler, recipe)
+    # make_scheduler refuses a sampler/schedule pair that cannot run on this model (check_pair) before anything runs.
+    scheduler = make_scheduler(
+        recipe.sampler, recipe.schedule, components.scheduler_config, noise_seed, steps=recipe.steps
+    )
     cls = {
         "txt2img": StableDiffusionPipeline,
         "img2img": StableDiffusionImg2ImgPipeline,
@@ -150,58 +219,43 @@ def _pipeline(components: Components, recipe: Recipe, noise_seed: int):
     return pipe
 
 
-def _check_timesteps(scheduler, recipe: Recipe) -> None:
-    """Karras/exponential spacing can repeat timesteps on schedules that reach extreme noise (cosine ones):
-    diffusers then steps past the end of its sigmas. Say so instead of failing deep inside the sampler."""
-    # Only the sigma spacings can degenerate; second-order samplers (Heun, DPM2) and PLMS repeat timesteps by
-    # design.
-    if recipe.schedule == "Automatic" or getattr(scheduler, "order", 1) > 1:
-        return
-    probe = type(scheduler).from_config(scheduler.config)
-    probe.set_timesteps(recipe.steps)
-    timesteps = probe.timesteps.tolist()
-    if len(set(timesteps)) < len(timesteps):
-        raise UserError(
-            f"sampler {recipe.sampler!r} with the {recipe.schedule} schedule repeats timesteps on this model's noise "
-            f"schedule ({recipe.steps} steps); use schedule Automatic, or another sampler",
-            field="schedule",
-        )
+def _step_reporter(
+    on_step: StepCallback | None, cancel: threading.Event | None, number: int, passes: int
+) -> Callable[..., dict]:
+    """diffusers' `callback_on_step_end` for forward pass `number` of `passes`: cancellation, then `on_step`.
+    Every pass of one call has the same timesteps, so the total is known at the first step (`num_timesteps`:
+    what diffusers iterates, e.g. 2n - 1 for Heun's n steps, fewer for img2img's strength)."""
 
-
-def _run_group(
-    components: Components,
-    recipe: Recipe,
-    init_image: Image.Image | None,
-    mask: Image.Image | None,
-    concepts: dict[str, torch.Tensor],
-    start: int,
-    count: int,
-    progress: ProgressCallback | None,
-    cancel: threading.Event | None,
-) -> np.ndarray:
-    pipe = _pipeline(components, recipe, noise_seed=recipe.seed + start)
-    # 1. Encode the prompt (A1111 syntax, long prompts, concepts) once; every image of the group shares it.
-    positive, negative = encode_prompt_pair(
-        components.tokenizer,
-        components.text_encoder,
-        recipe.prompt,
-        recipe.negative_prompt,
-        recipe.clip_skip,
-        concepts,
-    )
-    positive, negative = positive.repeat(count, 1, 1), negative.repeat(count, 1, 1)
-    # 2. Per-image generators on the CPU: seed + index. They also feed ancestral samplers' noise.
-    generators = image_generators(recipe.seed, count, first_index=start)
-    # 3. Progress and cancellation between steps.
-    total = _step_count(recipe)
-
-    def on_step_end(_pipe, step_index, _timestep, callback_kwargs):
+    def on_step_end(pipe, step_index, _timestep, callback_kwargs):
         if cancel is not None and cancel.is_set():
             raise Cancelled("generation cancelled")
-        if progress is not None:
-            progress(Progress(step_index + 1, total, start, callback_kwargs["latents"]))
+        if on_step is not None:
+            per_pass = pipe.num_timesteps
+            on_step(number * per_pass + step_index + 1, passes * per_pass, callback_kwargs["latents"])
         return callback_kwargs
 
+    return on_step_end
+
+
+def _denoise(
+    components: Components,
+    group: list[_Slice],
+    init_image: Image.Image | None,
+    mask: Image.Image | None,
+    on_step_end: Callable[..., dict],
+) -> np.ndarray:
+    """One forward pass over the images of `group` (recipes that share everything but prompts and seeds)."""
+    first = group[0]
+    recipe = first.recipe
+    # 1. The pipeline; a Brownian-tree sampler (DPM++ SDE) seeds its tree from the pass's first image.
+    pipe = _pipeline(components, recipe, noise_seed=recipe.seed + first.start)
+    # 2. Each image's prompt embeddings, in order.
+    positive = torch.cat([piece.positive.repeat(piece.count, 1, 1) for piece in group])
+    negative = torch.cat([piece.negative.repeat(piece.count, 1, 1) for piece in group])
+    # 3. Per-image generators on the CPU: seed + index. They also feed ancestral samplers' noise.
+    generators = [
+        g for piece in group for g in image_generators(piece.recipe.seed, piece.count, first_index=piece.start)
+    ]
     common = {
         "prompt_embeds": positive,
         "negative_prompt_embeds": negative,
@@ -235,12 +289,6 @@ def _run_group(
     return result.images
 
 
-def _step_count(recipe: Recipe) -> int:
-    if recipe.kind == "txt2img" or recipe.strength is None:
-        return recipe.steps
-    return max(1, min(int(recipe.steps * recipe.strength), recipe.steps))
-
-
 def _overlay(images: np.ndarray, init_image: Image.Image, mask: Image.Image, blur: int = 0) -> np.ndarray:
     keep = np.asarray(init_image, dtype=np.float32) / 255.0
     m = mask.filter(ImageFilter.GaussianBlur(blur)) if blur else mask
@@ -258,85 +306,18 @@ _PER_JOB_FIELDS = {"prompt", "negative_prompt", "seed", "batch_size", "batch_ind
 
 
 def can_share_batch(a: Recipe, b: Recipe) -> bool:
-    if a.kind != "txt2img" or b.kind != "txt2img" or not SAMPLER_SPECS[a.sampler].batch_invariant:
-        return False
+    return _batch_mismatch(a, b) is None
+
+
+def _batch_mismatch(a: Recipe, b: Recipe) -> str | None:
+    """Why `a` and `b` cannot share one forward pass, or None if they can."""
+    for recipe in (a, b):
+        if recipe.kind != "txt2img":
+            return f"only txt2img recipes share a batch, got {recipe.kind}"
+        if not SAMPLER_SPECS[recipe.sampler].batch_invariant:
+            return f"sampler {recipe.sampler!r} draws one noise stream per batch, so its images run one by one"
     da, db = a.to_dict(), b.to_dict()
-    return all(da[k] == db[k] for k in da if k not in _PER_JOB_FIELDS)
-
-
-def generate_batch(
-    components: Components,
-    recipes: list[Recipe],
-    inputs: GenerationInputs | None = None,
-    *,
-    progress: ProgressCallback | None = None,
-    cancel: threading.Event | None = None,
-) -> list[np.ndarray]:
-    """Several txt2img recipes (different prompts and seeds, same everything else) in one forward pass.
-
-    Each image still gets its own noise from seed + index, so image for image the result equals separate
-    runs up to float rounding of the larger matrix products (about 1e-6; see docs/server.md).
-    Returns one array per recipe, as `generate` would. `inputs` carries the concept vectors the recipes
-    name (they all name the same concepts: that is part of being batchable).
-    """
-    inputs = inputs or GenerationInputs()
-    if len(recipes) == 1:
-        return [generate(components, recipes[0], inputs, progress=progress, cancel=cancel)]
-    first = recipes[0]
-    for recipe in recipes[1:]:
-        if not can_share_batch(first, recipe):
-            raise ValueError(
-                "generate_batch needs txt2img recipes that differ only in prompt, negative prompt and seed"
-            )
-    # 1. Encode every prompt; prompts of different lengths (75-token chunks) cannot share a tensor.
-    concepts = _concepts(components, first, inputs)
-    encoded = [
-        encode_prompt_pair(
-            components.tokenizer, components.text_encoder, r.prompt, r.negative_prompt, r.clip_skip, concepts
-        )
-        for r in recipes
-    ]
-    if len({positive.shape for positive, _ in encoded}) > 1:
-        by_shape: dict[tuple, list[int]] = {}
-        for i, (positive, _) in enumerate(encoded):
-            by_shape.setdefault(tuple(positive.shape), []).append(i)
-        results: list[np.ndarray | None] = [None] * len(recipes)
-        for indices in by_shape.values():
-            for i, images in zip(indices, generate_batch(components, [recipes[i] for i in indices], inputs)):
-                results[i] = images
-        return results  # type: ignore[return-value]
-    positive = torch.cat([p.repeat(r.batch_size, 1, 1) for (p, _), r in zip(encoded, recipes)])
-    negative = torch.cat([n.repeat(r.batch_size, 1, 1) for (_, n), r in zip(encoded, recipes)])
-    # 2. Per-image generators: each recipe's seed + index, in order.
-    generators = [g for r in recipes for g in image_generators(r.seed, r.batch_size)]
-    pipe = _pipeline(components, first, noise_seed=first.seed)
-
-    def on_step_end(_pipe, step_index, _timestep, callback_kwargs):
-        if cancel is not None and cancel.is_set():
-            raise Cancelled("generation cancelled")
-        if progress is not None:
-            progress(Progress(step_index + 1, first.steps, 0, callback_kwargs["latents"]))
-        return callback_kwargs
-
-    latent_shape = (
-        components.unet.config.in_channels,
-        first.height // components.vae_scale_factor,
-        first.width // components.vae_scale_factor,
-    )
-    # 3. Denoise and decode, then split the images back per recipe.
-    with torch.inference_mode():
-        latents = initial_latents(generators, *latent_shape).to(components.unet.device)
-        images = pipe(
-            prompt_embeds=positive,
-            negative_prompt_embeds=negative,
-            num_inference_steps=first.steps,
-            guidance_scale=first.guidance,
-            generator=generators,
-            output_type="np",
-            callback_on_step_end=on_step_end,
-            height=first.height,
-            width=first.width,
-            latents=latents,
-        ).images.astype(np.float32)
-    offsets = np.cumsum([0] + [r.batch_size for r in recipes])
-    return [images[offsets[i] : offsets[i + 1]] for i in range(len(recipes))]
+    for key in da:
+        if key not in _PER_JOB_FIELDS and da[key] != db.get(key):
+            return f"{key} differs ({da[key]!r} vs {db.get(key)!r}); only {', '.join(sorted(_PER_JOB_FIELDS))} may"
+    return None

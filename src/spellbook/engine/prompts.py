@@ -10,11 +10,14 @@
   They get token ids past the end of the text encoder's vocabulary and a per-call view of the text encoder
   looks them up; the shared (cached) text encoder and tokenizer are never changed.
 A prompt without any of this syntax encodes exactly as diffusers' pipelines encode it.
+Encodings are cached by signature (`prompt_signature`: model, text-encoder state, concepts' vectors, prompts,
+clip skip) in the components' `PromptCache`, so a repeated prompt costs no text-encoder pass.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -161,7 +164,11 @@ class ConceptTokens:
 
 def check_concepts(concepts: Mapping[str, torch.Tensor], text_encoder, model_name: str = "") -> None:
     """Every concept's vectors must be as wide as the text encoder's token embeddings."""
-    width = text_encoder.get_input_embeddings().embedding_dim
+    check_concept_widths(concepts, text_encoder.get_input_embeddings().embedding_dim, model_name)
+
+
+def check_concept_widths(concepts: Mapping[str, torch.Tensor], width: int, model_name: str = "") -> None:
+    """Every concept's vectors must be `width` wide (the model's text-encoder width, from its metadata)."""
     for name, vectors in concepts.items():
         if vectors.shape[-1] != width:
             made_for = FAMILY_BY_WIDTH.get(int(vectors.shape[-1]))
@@ -288,15 +295,44 @@ def encode_chunks(
         if clip_skip <= 1:
             z = text_encoder(input_ids)[0]
         else:
-            hidden = text_encoder(input_ids, output_hidden_states=True).hidden_states[-clip_skip]
             # transformers 5 flattened CLIPTextModel (no .text_model); older versions nest it.
-            z = getattr(text_encoder, "text_model", text_encoder).final_layer_norm(hidden)
+            z = getattr(text_encoder, "text_model", text_encoder).final_layer_norm(
+                _hidden_state(text_encoder, input_ids, clip_skip)
+            )
         if any(w != 1.0 for w in weights):
             original_mean = z.mean()
             z = z * torch.tensor(weights, device=device, dtype=z.dtype)[None, :, None]
             z = z * (original_mean / z.mean())
         encoded.append(z)
     return torch.cat(encoded, dim=1)
+
+
+def _hidden_state(text_encoder, input_ids: torch.Tensor, clip_skip: int) -> torch.Tensor:
+    """What `output_hidden_states=True` would give at index -clip_skip, read by a hook on that one layer.
+
+    transformers 5 collects hidden states with hooks it installs per model object; a concept's view of the text
+    encoder (`with_token_rows`, which shares the layers) installs a second set, after which the original model
+    records every layer twice and hidden_states[-2] is the last layer. A hook of our own, removed at once, avoids
+    that machinery."""
+    model = getattr(text_encoder, "text_model", text_encoder)
+    layers = model.encoder.layers
+    if clip_skip > len(layers) + 1:
+        raise UserError(
+            f"clip skip {clip_skip}: this text encoder has {len(layers)} layers; use at most {len(layers) + 1}",
+            field="clip_skip",
+        )
+    target = layers[-clip_skip] if clip_skip <= len(layers) else model.embeddings
+    captured: list[torch.Tensor] = []
+
+    def keep(_module, _inputs, output) -> None:
+        captured.append(output[0] if isinstance(output, tuple) else output)
+
+    hook = target.register_forward_hook(keep)
+    try:
+        text_encoder(input_ids)
+    finally:
+        hook.remove()
+    return captured[-1]
 
 
 def chunk_count(tokenizer, text: str, concepts: ConceptTokens | None = None) -> int:
@@ -322,3 +358,54 @@ def encode_prompt_pair(
     positive = encode_chunks(text_encoder, tokenize(tokenizer, prompt, n, tokens), clip_skip, tokens)
     negative = encode_chunks(text_encoder, tokenize(tokenizer, negative_prompt, n, tokens), clip_skip, tokens)
     return positive, negative
+
+
+# --- signatures (the prompt cache's keys) -------------------------------------------------------------------
+
+
+def prompt_signature(
+    model_sha256: str,
+    text_encoder,
+    prompt: str,
+    negative_prompt: str,
+    clip_skip: int,
+    concepts: Mapping[str, torch.Tensor] | None = None,
+) -> tuple | None:
+    """Everything `encode_prompt_pair` depends on, as a hashable key; None when it cannot be told (then the
+    encoding is not cached)."""
+    encoder = text_encoder_fingerprint(text_encoder)
+    if encoder is None:
+        return None
+    return (model_sha256, encoder, concept_fingerprint(concepts or {}), prompt, negative_prompt, clip_skip)
+
+
+def text_encoder_fingerprint(text_encoder) -> tuple | None:
+    """Which text encoder, in which state: its identity, dtype and device, and every parameter's storage and
+    version counter (an optimizer step, `load_state_dict` or `.to()` changes one of them). Cheap: no weights are
+    read. None for parameters made under inference mode, which keep no version counter."""
+    parameters = list(text_encoder.parameters())
+    try:
+        versions = sum(p._version for p in parameters)
+    except RuntimeError:
+        return None
+    first = parameters[0] if parameters else None
+    return (
+        id(text_encoder),
+        str(getattr(first, "dtype", None)),
+        str(getattr(first, "device", None)),
+        versions,
+        hash(tuple(p.data_ptr() for p in parameters)),
+    )
+
+
+def concept_fingerprint(concepts: Mapping[str, torch.Tensor]) -> tuple:
+    """(name, dtype, shape, sha256 of the bytes) per concept, by name: the vectors, not just their names."""
+    return tuple(
+        (name, str(vectors.dtype), tuple(vectors.shape), _tensor_sha256(vectors))
+        for name, vectors in sorted(concepts.items())
+    )
+
+
+def _tensor_sha256(tensor: torch.Tensor) -> str:
+    raw = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+    return hashlib.sha256(raw.numpy().tobytes()).hexdigest()

@@ -29,9 +29,9 @@ Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.
 def _db(db: Path | None) -> Path:
     if db is not None:
         return db
-    from spellbook.settings import Settings
+    from spellbook.cli_context import current_settings
 
-    return Settings.from_env().home / "explorer.db"
+    return current_settings().home / "explorer.db"
 
 
 def _echo_json(data: Any) -> None:

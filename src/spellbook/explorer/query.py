@@ -187,9 +187,6 @@ class Explorer:
         )
         return [Sample(*row) for row in rows]
 
-    def stats(self) -> dict[str, str]:
-        return dict(self.conn.execute("SELECT name, value FROM stats").fetchall())
-
     # ------------------------------------------------------------------------------------------------ search
     def search(self, text: str, *, limit: int = 20, phrase: bool = False) -> SearchResult:
         """Captions containing every word of `text` but stop words (as Datasette's search box does, less

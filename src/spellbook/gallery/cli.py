@@ -22,10 +22,10 @@ def _database():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    from spellbook.settings import Settings
+    from spellbook.cli_context import current_settings
     from spellbook.store import Database
 
-    return Database(Settings.from_env().db_path)
+    return Database(current_settings().db_path)
 
 
 def _echo_json(data: Any) -> None:

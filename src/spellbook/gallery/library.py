@@ -8,6 +8,7 @@ of its decoded pixels is unique, and adding it again returns the row it already 
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import shutil
 import zipfile
@@ -28,13 +29,13 @@ from spellbook.gallery.records import (
     recipe_of_row,
 )
 from spellbook.gallery.search import MAX_LIMIT, home_of, search, visible_sql
+from spellbook.settings import Settings
 from spellbook.store.db import Database
 
 if TYPE_CHECKING:
+    from spellbook.provenance import Result
     from spellbook.queue.jobs import Job
     from spellbook.recipe import Recipe
-    from spellbook.settings import Settings
-    from spellbook.studio import Result
 
 VISIBILITIES = ("private", "public")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -60,13 +61,13 @@ class _Pending:
     parent_sha256: str | None = None
 
 
-def _from_recipe(source_file: Path, image: Image.Image, recipe: Recipe) -> _Pending:
+def _from_recipe(source_file: Path, image: Image.Image, recipe: Recipe, sha256: str = "") -> _Pending:
     from spellbook.provenance import image_sha256
 
     return _Pending(
         source_file=source_file,
         image=image,
-        sha256=image_sha256(image),
+        sha256=sha256 or image_sha256(image),
         source="spellbook",
         recipe=recipe.to_dict(),
         prompt=recipe.prompt,
@@ -82,7 +83,7 @@ def _from_recipe(source_file: Path, image: Image.Image, recipe: Recipe) -> _Pend
 
 def _read_file(path: Path) -> _Pending:
     """Any image file: ours, A1111's, ComfyUI's (recipe from their metadata), or one with none at all."""
-    from spellbook.provenance import image_sha256, open_image, read_metadata, recipe_from_foreign
+    from spellbook.provenance import image_sha256, open_image, read_metadata, request_fields, request_from_foreign
 
     image = open_image(path, "image")
     meta = read_metadata(path)
@@ -92,7 +93,7 @@ def _read_file(path: Path) -> _Pending:
     model = found.get("model")
     if model and meta.source == "comfyui":
         model = Path(str(model)).stem  # ComfyUI records the checkpoint's file name
-    request = recipe_from_foreign(found, str(model) if model else None) if found else {}
+    request = request_fields(request_from_foreign(found, str(model) if model else None)) if found else {}
     return _Pending(
         source_file=path,
         image=image,
@@ -112,7 +113,7 @@ def _read_file(path: Path) -> _Pending:
 def _in_images_folder(path: Path, home: Path) -> Path | None:
     """`path` when it already lies in the home's images folder (a server job wrote it there): kept in place."""
     try:
-        path.resolve().relative_to((home / "images").resolve())
+        path.resolve().relative_to(Settings(home=home).images_dir.resolve())
     except ValueError:
         return None
     return path
@@ -155,8 +156,7 @@ def _store(
             for p, vector in zip(batch, embed_texts([p.prompt for p in batch]), strict=True):
                 vectors[p.sha256] = vector
     now = datetime.now(UTC)
-    folder = home / "images" / f"{now:%Y}" / f"{now:%m}" / f"{now:%d}"
-    folder.mkdir(parents=True, exist_ok=True)
+    settings = Settings(home=home)
     written: list[Path] = []
     ids: dict[str, int] = dict(existing)
     try:
@@ -172,10 +172,10 @@ def _store(
                 if target is None:
                     suffix = p.source_file.suffix.lower()
                     suffix = suffix if suffix in IMAGE_SUFFIXES else ".png"
-                    target = folder / f"{p.seed if p.seed is not None else 'x'}-{p.sha256[:16]}{suffix}"
-                    tmp = target.with_name(target.name + ".tmp")
-                    shutil.copyfile(p.source_file, tmp)
-                    tmp.replace(target)
+                    target = settings.image_path(
+                        f"{p.seed if p.seed is not None else 'x'}-{p.sha256[:16]}{suffix}", now
+                    )
+                    _link_or_copy(p.source_file, target)
                     written.append(target)
                 parent = None
                 if p.parent_sha256:
@@ -222,32 +222,56 @@ def _store(
     return [(_get(db, ids[p.sha256], None, home), first_of.get(p.sha256) is p) for p in pending]
 
 
-def add_result(
+def _link_or_copy(source: Path, target: Path) -> None:
+    """The same bytes under the images folder: a hard link where the file system allows, else one copy."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:  # another file system, or links not allowed
+        shutil.copyfile(source, tmp)
+    tmp.replace(target)
+
+
+def file_results(
     db: Database,
-    result: Result,
+    results: list[Result],
     *,
-    owner: int | None = None,
     visibility: str = "private",
-    job_id: str | None = None,
     embed: bool = True,
     home: Path | None = None,
-) -> GalleryImage:
-    """File a saved studio result (`Studio.save` gave it a path) in the gallery."""
-    if result.path is None:
-        raise UserError("save the image first (Studio.save); the gallery keeps a copy of the file", field="image")
-    pending = _from_recipe(Path(result.path), result.image, result.recipe)
+) -> list[GalleryImage]:
+    """File written results (provenance.write_result gave them a path and pixel hash) as they are handed over:
+    pixels and recipe in hand, nothing decoded again. Owner and job come with each result. A file outside the
+    home's images folder (the CLI's --out) is linked in, not encoded again."""
     home = home or home_of(db)
-    return _store(db, [pending], home=home, owner=owner, visibility=visibility, job_id=job_id, embed=embed)[0][0]
+    images: list[GalleryImage] = []
+    for (owner, job_id), group in _by_owner_and_job(results).items():
+        pending = []
+        for result in group:
+            if result.path is None:
+                raise UserError("write the image first (provenance.write_result); the gallery files it", field="image")
+            pending.append(_from_recipe(Path(result.path), result.image, result.recipe, result.sha256))
+        stored = _store(db, pending, home=home, owner=owner, visibility=visibility, job_id=job_id, embed=embed)
+        images += [image for image, _ in stored]
+    return images
 
 
-def file_job_images(db: Database, settings: Settings, job: Job, records: list[dict]) -> list[GalleryImage]:
-    """The queue's hook: a finished job's images (already saved under images/YYYY/MM/DD) join the gallery in
-    place, owned by the job's owner, private. Each record gains `image_id`, the gallery id."""
+def _by_owner_and_job(results: list[Result]) -> dict[tuple[int | None, str | None], list[Result]]:
+    groups: dict[tuple[int | None, str | None], list[Result]] = {}
+    for result in results:
+        groups.setdefault((result.owner, result.job_id), []).append(result)
+    return groups
+
+
+def file_job_images(db: Database, settings: Settings, job: Job) -> list[GalleryImage]:
+    """A finished job's images (under images/YYYY/MM/DD, as its result records them) joined to the gallery in
+    place, owned by the job's owner, private: how the outbox recovers what was not handed over in memory
+    (after a restart, or for PNGs a remote worker sent)."""
     home = settings.home
-    pending = [_read_file(home / record["path"]) for record in records]
+    pending = [_read_file(home / record["path"]) for record in (job.result or {}).get("images", [])]
     stored = _store(db, pending, home=home, owner=job.owner, visibility="private", job_id=job.id)
-    for record, (image, _) in zip(records, stored, strict=True):
-        record["image_id"] = image.id
     return [image for image, _ in stored]
 
 

@@ -36,13 +36,5 @@ def phash(image: Image.Image) -> str:
     return f"{int(''.join('1' if b else '0' for b in bits), 2):016x}"
 
 
-def hamming(a: str, b: str) -> int:
-    return (int(a, 16) ^ int(b, 16)).bit_count()
-
-
-def hashes_to_array(hashes: list[str]) -> np.ndarray:
-    return np.array([int(h, 16) for h in hashes], dtype=np.uint64)
-
-
 def distances(hashes: np.ndarray, query: str) -> np.ndarray:
     return np.bitwise_count(hashes ^ np.uint64(int(query, 16)))

@@ -14,11 +14,9 @@ import math
 import re
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 
@@ -211,28 +209,27 @@ def _ranked_matches(
     return sorted(found, key=lambda image: (-image.score, -image.id))
 
 
-_IDF_CACHE: dict[tuple[str, str], tuple[float, float]] = {}
 _IDF_SECONDS = 600.0
 
 
 def _idf(db: Database, term: str) -> float:
     """BM25's inverse document frequency of a word in prompts, as FTS5 computes it; cached for ten minutes
     (counting a common word reads its whole index entry, and a slightly stale count ranks the same)."""
-    key, now = (str(db.path), term), time.monotonic()
-    cached = _IDF_CACHE.get(key)
+    idf_cache: dict[str, tuple[float, float]] = db.caches.setdefault("gallery_idf", {})
+    key, now = term, time.monotonic()
+    cached = idf_cache.get(key)
     if cached and now - cached[1] < _IDF_SECONDS:
         return cached[0]
     total = db.execute("SELECT count(*) FROM images").fetchone()[0]
     having = db.execute("SELECT count(*) FROM images_fts WHERE images_fts MATCH ?", (fts_query([term]),)).fetchone()[0]
     idf = max(1e-6, math.log((total - having + 0.5) / (having + 0.5)))
-    if len(_IDF_CACHE) > 100_000:
-        _IDF_CACHE.clear()
-    _IDF_CACHE[key] = (idf, now)
+    if len(idf_cache) > 100_000:
+        idf_cache.clear()
+    idf_cache[key] = (idf, now)
     return idf
 
 
 # --------------------------------------------------------------------------------------------- meaning
-_index_refresh = threading.Lock()
 
 
 def embed_pending(db: Database, batch_size: int = 64) -> int:
@@ -263,7 +260,7 @@ def embed_pending(db: Database, batch_size: int = 64) -> int:
 
 def _code_index(db: Database) -> CodeIndex:
     embed_pending(db)
-    index = CodeIndex.for_database(db.path)
+    index = CodeIndex.for_database(db)
     index.refresh(db.conn)
     return index
 
@@ -355,12 +352,9 @@ def search(
     # The word search runs on another thread meanwhile (SQLite, numpy and torch release the GIL): at 1M
     # images that takes the p95 from ~150 to ~95 ms on 2 cores.
     depth = min(MAX_LIMIT, max(50, 2 * wanted))
-    by_words = _HYBRID_POOL.submit(_words_on_own_connection, db, text, filters, depth)
+    by_words = db.executor().submit(_words_on_own_connection, db, text, filters, depth)
     by_meaning = search_meaning(db, text, filters, depth)
     return fuse([by_words.result(), by_meaning], wanted)[offset:]
-
-
-_HYBRID_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="gallery-words")
 
 
 def _words_on_own_connection(db: Database, text: str, filters: Filters, limit: int) -> list[GalleryImage]:
@@ -374,8 +368,6 @@ def _words_on_own_connection(db: Database, text: str, filters: Filters, limit: i
 class _HashIndex:
     """Every image's perceptual hash, in memory, extended with what was added since (ids are never reused)."""
 
-    _instances: ClassVar[dict[Path, _HashIndex]] = {}
-
     def __init__(self) -> None:
         self.last_id = 0
         self.ids = np.zeros(0, dtype=np.int64)
@@ -384,8 +376,8 @@ class _HashIndex:
 
     @classmethod
     def for_database(cls, db: Database) -> _HashIndex:
-        with _index_refresh:
-            index = cls._instances.setdefault(db.path.resolve(), cls())
+        with db.cache_lock:
+            index = db.caches.setdefault("phash_index", cls())
         with index.lock:
             newest = db.execute("SELECT max(id) FROM images").fetchone()[0] or 0
             if newest < index.last_id:  # the database file was replaced: start again

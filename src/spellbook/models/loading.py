@@ -16,11 +16,10 @@ import torch
 
 from spellbook.errors import Refused, UserError
 from spellbook.models.components import Components
+from spellbook.models.info import DEFAULTS_FILE
 from spellbook.models.registry import ModelEntry, ModelRegistry
 from spellbook.recipe import ModelRef
 from spellbook.settings import Settings
-
-DEFAULTS_FILE = "spellbook.json"  # optional, in a diffusers folder: the model's own generation defaults
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -32,7 +31,9 @@ def _dtype(name: str) -> torch.dtype:
 
 def load_diffusers_folder(path: Path, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel
+
+    from spellbook.models.files import load_clip_tokenizer
 
     for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         if not (path / part).is_dir():
@@ -50,7 +51,7 @@ def load_diffusers_folder(path: Path, dtype: torch.dtype = torch.float32) -> dic
         "text_encoder": CLIPTextModel.from_pretrained(
             path, subfolder="text_encoder", dtype=dtype, use_safetensors=True
         ),
-        "tokenizer": CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
+        "tokenizer": load_clip_tokenizer(path / "tokenizer"),
         "scheduler_config": json.loads(scheduler_files[0].read_text()),
         "defaults": defaults.get("defaults", {}),
         "family": defaults.get("family", "sd-v2" if _is_v2(path) else "sd-v1"),
@@ -119,15 +120,18 @@ class ModelCache:
             parts[key].to(dtype)
         return parts
 
+    def vae_ref(self, name_or_path: str, *, allow_paths: bool = True) -> tuple[Path, ModelRef]:
+        """Where a VAE override is and its name and content hash, without loading it."""
+        path = self._vae_path(name_or_path, allow_paths)
+        digest = self.registry.sha256(ModelEntry(path.name, path, "vae"))
+        return path, ModelRef(path.stem if path.is_file() else path.name, digest)
+
     def load_vae(self, name_or_path: str, *, allow_paths: bool = True) -> tuple[Any, ModelRef]:
         """A VAE override: a diffusers VAE folder (config.json + safetensors) or a VAE .safetensors."""
         from diffusers import AutoencoderKL
 
-        path = self._vae_path(name_or_path, allow_paths)
-        from spellbook.models.registry import sha256_file, sha256_folder
-
-        digest = sha256_folder(path) if path.is_dir() else sha256_file(path)
-        ref = ModelRef(path.stem if path.is_file() else path.name, digest)
+        path, ref = self.vae_ref(name_or_path, allow_paths=allow_paths)
+        digest = ref.sha256
         if digest in self._vaes:  # loaded once per process, like models
             return self._vaes[digest], ref
         dtype = _dtype(self.settings.dtype)

@@ -28,11 +28,6 @@ SINGLE_FILE_SUFFIXES = {".safetensors"}
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
-# Digests by (path, size, mtime) for this process; the JSON file keeps them across processes.
-_HASHES: dict[str, str] = {}
-_HASH_CACHE_LOCK = threading.Lock()
-
-
 @dataclass(frozen=True)
 class ModelEntry:
     name: str
@@ -84,6 +79,10 @@ class ModelRegistry:
     def __init__(self, settings: Settings):
         self.settings = settings
         self._hash_cache_path = settings.models_dir / ".hashes.json"
+        # Digests by (path, size, mtime), for this registry's owner (the server asks on every request); the
+        # JSON file keeps them across processes.
+        self._hashes: dict[str, str] = {}
+        self._lock = threading.Lock()
 
     @property
     def folder(self) -> Path:
@@ -168,21 +167,34 @@ class ModelRegistry:
             target.symlink_to(source, target_is_directory=source.is_dir())
         return ModelEntry(name, target, fmt)
 
+    def remove(self, name: str) -> str:
+        """Take a model out of the models folder: a link is removed (its target stays), a copy is deleted."""
+        check_name(name)
+        entry = self.resolve(name, allow_paths=False)
+        if entry.builtin:
+            raise Refused(f"{name!r} is built in and cannot be removed", field="name")
+        path = self.folder / entry.path.name
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        else:
+            shutil.rmtree(path)
+        return name
+
     def sha256(self, entry: ModelEntry) -> str:
         """Content hash, cached by (path, size, mtime) so a 4 GB checkpoint is hashed once."""
         path = entry.path.resolve()
         stat = path.stat()
         key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
-        if key in _HASHES:  # this process already hashed it (the server asks on every request)
-            return _HASHES[key]
+        if key in self._hashes:
+            return self._hashes[key]
         cache = self._read_hash_cache()
         if key in cache:
-            _HASHES[key] = cache[key]
+            self._hashes[key] = cache[key]
             return cache[key]
         digest = sha256_folder(path) if path.is_dir() else sha256_file(path)
-        _HASHES[key] = digest
+        self._hashes[key] = digest
         if not entry.builtin:
-            with _HASH_CACHE_LOCK:
+            with self._lock:
                 cache = self._read_hash_cache()
                 cache[key] = digest
                 self._write_hash_cache(cache)

@@ -25,8 +25,7 @@ import pickletools
 import tarfile
 import zipfile
 from pathlib import Path
-
-import torch
+from typing import Any
 
 from spellbook.errors import Refused, UserError
 
@@ -58,11 +57,6 @@ _MEMO_PUT_OPCODES = {"PUT", "BINPUT", "LONG_BINPUT"}
 _MEMO_GET_OPCODES = {"GET", "BINGET", "LONG_BINGET"}
 
 
-def is_pickle(path: Path | str) -> bool:
-    """True when the file's suffix says it is a pickle checkpoint (decided by name, never by loading it)."""
-    return Path(path).suffix.lower() in PICKLE_SUFFIXES
-
-
 def scan_pickle(path: Path | str) -> list[str]:
     """The imports in `path`'s pickles that are not in `ALLOWED_GLOBALS` (sorted, deduplicated); [] = clean.
 
@@ -87,7 +81,7 @@ def scan_pickle(path: Path | str) -> list[str]:
     return sorted(found - ALLOWED_GLOBALS)
 
 
-def load_pickled_state_dict(path: Path | str, *, allow_pickle: bool) -> dict[str, torch.Tensor]:
+def load_pickled_state_dict(path: Path | str, *, allow_pickle: bool) -> dict[str, Any]:
     """The tensors of a pickle checkpoint, loaded only if allowed, only after a clean scan, only weights_only.
 
     A top-level `state_dict` entry (Lightning checkpoints) is unwrapped; non-tensor entries (`global_step`, …)
@@ -111,6 +105,8 @@ def load_pickled_state_dict(path: Path | str, *, allow_pickle: bool) -> dict[str
             hint="only load it if you trust its source, after converting it to .safetensors with a tool you trust",
         )
     # 3. Load with torch's restricted unpickler as a second gate.
+    import torch
+
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError) as error:

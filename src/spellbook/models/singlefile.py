@@ -14,27 +14,29 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
 import diffusers
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel
 
 from spellbook.errors import UserError
-from spellbook.models.files import CONFIGS_DIR
+from spellbook.models.files import CONFIGS_DIR, load_clip_tokenizer
+from spellbook.models.info import (  # noqa: F401 - detect_family is part of this module's API
+    CLIP_PREFIX,
+    FAMILIES,
+    OPEN_CLIP_PREFIX,
+    SDXL_PREFIX,
+    UNET_PREFIX,
+    VAE_PREFIX,
+    detect_family,
+)
 from spellbook.models.safety import PICKLE_SUFFIXES, load_pickled_state_dict
 
-FAMILIES = ("sd-v1", "sd-v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-
-UNET_PREFIX = "model.diffusion_model."
-VAE_PREFIX = "first_stage_model."
-CLIP_PREFIX = "cond_stage_model.transformer."  # SD 1.x: OpenAI CLIP ViT-L/14 in transformers' layout
-OPEN_CLIP_PREFIX = "cond_stage_model.model."  # SD 2.x: OpenCLIP ViT-H/14
-SDXL_PREFIX = "conditioner.embedders."
 
 
 def bundled_config_dir(family: str) -> Path:
@@ -42,35 +44,6 @@ def bundled_config_dir(family: str) -> Path:
     if family not in FAMILIES:
         raise UserError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES)}", field="family")
     return CONFIGS_DIR / family
-
-
-def detect_family(state_dict_keys: Iterable[str]) -> str:
-    """The family, "sd-v1" or "sd-v2", from the checkpoint's key names (its text encoder tells them apart)."""
-    keys = list(state_dict_keys)
-    if any(key.startswith(SDXL_PREFIX) for key in keys):
-        raise UserError(
-            "not a Stable Diffusion 1.x/2.x checkpoint: it has SDXL text encoders (conditioner.embedders.*); "
-            "SDXL is not supported yet",
-            field="model",
-        )
-    missing = [
-        f"{part} ({prefix}*)"
-        for part, prefix in (("UNet", UNET_PREFIX), ("VAE", VAE_PREFIX))
-        if not any(key.startswith(prefix) for key in keys)
-    ]
-    has_clip = any(key.startswith(CLIP_PREFIX) for key in keys)
-    has_open_clip = any(key.startswith(OPEN_CLIP_PREFIX) for key in keys)
-    if not (has_clip or has_open_clip):
-        missing.append(f"text encoder ({CLIP_PREFIX}* or {OPEN_CLIP_PREFIX}*)")
-    if missing:
-        sample = ", ".join(sorted(keys)[:3]) or "no keys at all"
-        raise UserError(
-            f"not a Stable Diffusion 1.x/2.x checkpoint: no {', no '.join(missing)} weights (its keys start: {sample})",
-            field="model",
-            hint="single files must hold UNet, VAE and text encoder in the original layout; load diffusers "
-            "folders as folders",
-        )
-    return "sd-v1" if has_clip else "sd-v2"
 
 
 def read_state_dict(path: Path, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
@@ -155,7 +128,7 @@ def load_single_file(
         if any(tensor.is_floating_point() and tensor.dtype != torch.float32 for tensor in model.parameters()):
             model.float()
         model.eval()
-    tokenizer = CLIPTokenizer.from_pretrained(config_dir / "tokenizer", local_files_only=True)
+    tokenizer = load_clip_tokenizer(config_dir / "tokenizer")
     scheduler = _load_scheduler(config_dir / "scheduler", prediction_type)
     return {
         "vae": vae,

@@ -19,9 +19,6 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from spellbook.queue.jobs import Job, JobQueue
@@ -44,7 +41,14 @@ def make_celery(settings: Settings):
         task_serializer="json",
         result_serializer="json",
         accept_content=["json"],
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        # kombu sweeps for unacknowledged tasks every unacked_restore_interval x unacked_restore_throttle seconds
+        # (10 x 10 by default), so a killed worker's task would wait up to 100 s beyond visibility_timeout;
+        # sweep every few seconds instead (one cheap ZRANGE per worker), so redelivery follows the setting.
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout,
+            "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 3)),
+            "unacked_restore_throttle": 1,
+        },
         result_backend_transport_options={"visibility_timeout": settings.visibility_timeout},
         result_expires=24 * 3600,
         task_track_started=True,
@@ -73,7 +77,7 @@ def register_task(app, settings: Settings) -> None:
     @app.task(name=TASK, bind=True)
     def run_jobs(self, payload: dict[str, Any]) -> dict[str, Any]:
         from spellbook.errors import SpellbookError
-        from spellbook.queue.worker import encode_png
+        from spellbook.provenance import image_sha256, png_bytes
         from spellbook.recipe import Recipe
 
         if "studio" not in runtime:
@@ -101,8 +105,8 @@ def register_task(app, settings: Settings) -> None:
                 "batched_with": 1,
             }
 
-        def on_progress(progress, _components) -> None:
-            report(progress.step, progress.total)
+        def on_progress(step, total, _latents, _components) -> None:
+            report(step, total)
 
         # Validated against the server's limits at submit; the worker enforces its own device's limits.
         jobs = [(j["id"], Recipe.from_dict(j["recipe"], rt.studio.limits)) for j in payload["jobs"]]
@@ -113,7 +117,16 @@ def register_task(app, settings: Settings) -> None:
             if isinstance(value, SpellbookError):
                 results[job_id] = {"error": value.to_dict()["error"]}
             else:
-                results[job_id] = {"images": [encode_png(image) for image in value]}
+                # PNG bytes made by the one writer, and the pixels' hash, so the server decodes nothing.
+                results[job_id] = {
+                    "images": [
+                        {
+                            "png": base64.b64encode(png_bytes(r.image, r.recipe)).decode(),
+                            "sha256": image_sha256(r.image),
+                        }
+                        for r in value
+                    ]
+                }
         return {"results": results, "worker": self.request.hostname, "batched_with": len(jobs)}
 
 
@@ -154,33 +167,21 @@ def run_worker(settings: Settings, name: str | None = None) -> None:
 
 
 # --------------------------------------------------------------------------------------------- server side
-def save_pngs(home: Path, job_id: str, pngs: list[str]) -> list[dict[str, Any]]:
-    """Write PNG bytes a worker sent back (recipe chunks included) under images/YYYY/MM/DD."""
-    import hashlib
-    import io
+def save_pngs(settings: Settings, job: Job, images: list[dict[str, str]]) -> list[dict[str, Any]]:
+    """Write the PNG bytes a worker sent back (recipe chunks included, written by provenance there) to the one
+    image path; the records come from the job's own recipe, so nothing is decoded here."""
+    from spellbook.provenance import write_png_bytes
 
-    from PIL import Image
-
-    from spellbook.provenance import image_sha256, read_metadata
-
-    folder = home / "images" / datetime.now(UTC).strftime("%Y/%m/%d")
-    folder.mkdir(parents=True, exist_ok=True)
+    recipe = job.recipe
     records = []
-    for index, data in enumerate(pngs):
-        raw = base64.b64decode(data)
-        path = folder / f"{job_id}-{index}.png"
-        tmp = path.with_suffix(f".{hashlib.sha256(raw).hexdigest()[:8]}.tmp")
-        tmp.write_bytes(raw)
-        tmp.replace(path)
-        recipe = read_metadata(path).recipe
-        with Image.open(io.BytesIO(raw)) as image:
-            digest = image_sha256(image)
+    for index, image in enumerate(images):
+        path = write_png_bytes(base64.b64decode(image["png"]), settings.image_path(f"{job.id}-{index}.png"))
         records.append(
             {
                 "index": index,
-                "seed": recipe.image_seed if recipe else None,
-                "path": str(path.relative_to(home)),
-                "sha256": digest,
+                "seed": recipe.for_image(index).image_seed,
+                "path": path.relative_to(settings.home).as_posix(),
+                "sha256": image["sha256"],
             }
         )
     return records
@@ -196,12 +197,10 @@ class Dispatcher(BackgroundLoop):
         settings: Settings,
         queue: JobQueue,
         *,
-        on_images: Callable[[Job, list[dict]], None] | None = None,
         max_in_flight: int = 16,
     ):
         self.settings = settings
         self.queue = queue
-        self.on_images = on_images
         self.max_in_flight = max_in_flight
         self.celery = make_celery(settings)
         self.in_flight: dict[str, list[str]] = {}  # task id -> job ids
@@ -296,11 +295,8 @@ class Dispatcher(BackgroundLoop):
             if "trained" in outcome:
                 self._record_concept(job_id, outcome["trained"])
                 continue
-            records = save_pngs(self.settings.home, job_id, outcome["images"])
-            job = self.queue.get(job_id)
-            if self.on_images:
-                self.on_images(job, records)
-            self.queue.complete(
+            records = save_pngs(self.settings, self.queue.get(job_id), outcome["images"])
+            self.queue.complete(  # done now; the gallery outbox files the images after
                 job_id, {"images": records, "batched_with": value.get("batched_with", 1), "worker": value.get("worker")}
             )
         del self.in_flight[task_id]

@@ -264,14 +264,23 @@ class JobQueue:
                     stop.append(job_id)
         return stop
 
-    def complete(self, job_id: str, result: dict, *, worker: str | None = None) -> bool:
-        """Record the result once. False when the job already ended (done by another run, or cancelled)."""
+    def complete(self, job_id: str, result: dict) -> bool:
+        """Record the result once. False when the job already ended (done by another run, or cancelled).
+
+        Call it as soon as the job's PNGs are durable. A result with images also enters the gallery outbox in
+        the same transaction: filing happens after, retried by the GalleryFiler, and never re-runs the job."""
+        now = time.time()
         with self.db.transaction() as conn:
             done = conn.execute(
                 "UPDATE jobs SET state = 'done', finished = ?, result = ?, progress = 1, lease_owner = NULL "
                 "WHERE id = ? AND state IN ('running', 'queued')",
-                (time.time(), json.dumps(result), job_id),
+                (now, json.dumps(result), job_id),
             )
+            if done.rowcount == 1 and result.get("images"):
+                conn.execute(
+                    "INSERT OR IGNORE INTO gallery_outbox (job_id, created, next_try) VALUES (?, ?, ?)",
+                    (job_id, now, now),
+                )
         return done.rowcount == 1
 
     def fail(self, job_id: str, error: dict) -> bool:

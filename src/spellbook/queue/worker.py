@@ -6,7 +6,6 @@ The executor is the same in both modes: the embedded worker calls it in-process;
 
 from __future__ import annotations
 
-import base64
 import io
 import logging
 import os
@@ -16,20 +15,22 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from spellbook.engine.pipeline import Progress, can_share_batch, generate_batch, to_pil
+from spellbook.engine.pipeline import can_share_batch, generate, to_pil
 from spellbook.errors import Cancelled, SpellbookError
-from spellbook.provenance import image_sha256, png_bytes, save_png
+from spellbook.provenance import Result, write_result
 from spellbook.queue.jobs import Job, JobQueue
 from spellbook.queue.training import CONCEPT_KIND
-from spellbook.recipe import Build, Recipe
+from spellbook.recipe import Recipe
+from spellbook.settings import Settings
 from spellbook.studio import Studio
+
+if TYPE_CHECKING:
+    from spellbook.queue.filer import GalleryFiler
 
 log = logging.getLogger("spellbook.worker")
 
@@ -68,24 +69,23 @@ def preview_png(components, latents, max_side: int = 64) -> bytes:
 
 
 class Executor:
-    """Turns leased jobs into PNG files with their recipes, batching compatible txt2img jobs."""
+    """Turns leased jobs' recipes into Results (pixels + recipe), batching compatible txt2img jobs into one
+    forward pass. The same in both modes: the embedded worker writes the results here, a Celery worker sends
+    them back as PNG bytes."""
 
     def __init__(self, studio: Studio):
         self.studio = studio
-
-    def components_for(self, recipe: Recipe):
-        return self.studio.components_for_recipe(recipe)
 
     def run(
         self,
         jobs: list[tuple[str, Recipe]],
         *,
-        on_progress: Callable[[Progress, Any], None] | None = None,
+        on_progress: Callable[[int, int, Any, Any], None] | None = None,  # (step, total, latents, components)
         cancel: threading.Event | None = None,
         batching: bool = True,
-    ) -> dict[str, list[Image.Image] | SpellbookError]:
-        """Images per job id, or the error that job ended with (bad input is the job's fault, not the worker's)."""
-        outcome: dict[str, list[Image.Image] | SpellbookError] = {}
+    ) -> dict[str, list[Result] | SpellbookError]:
+        """Results per job id, or the error that job ended with (bad input is the job's fault, not the worker's)."""
+        outcome: dict[str, list[Result] | SpellbookError] = {}
         groups: list[list[tuple[str, Recipe]]] = []
         for job in jobs:
             for group in groups:
@@ -94,22 +94,23 @@ class Executor:
                     break
             else:
                 groups.append([job])
-        build = Build.current(self.studio.settings.device, self.studio.settings.dtype)
+        build = self.studio.build()
         for group in groups:
             try:
-                components = self.components_for(group[0][1])
+                components = self.studio.components_for_recipe(group[0][1])
                 recipes = [recipe.with_(build=build) for _, recipe in group]
-                progress = (lambda p, c=components: on_progress(p, c)) if on_progress else None
-                if recipes[0].kind == "txt2img":
-                    inputs = self.studio.inputs_for_recipe(recipes[0])  # the concepts' vectors
-                    arrays = generate_batch(components, recipes, inputs, progress=progress, cancel=cancel)
-                    for (job_id, _), recipe, images in zip(group, recipes, arrays):
-                        outcome[job_id] = _with_recipes(to_pil(images), recipe)
-                else:
-                    job_id, recipe = group[0][0], recipes[0]  # image inputs: never batched
-                    inputs = self.studio.inputs_for_recipe(recipe)
-                    results = self.studio.run(recipe, inputs, components, progress=progress, cancel=cancel)
-                    outcome[job_id] = _with_recipes([r.image for r in results], recipe)
+                on_step = None
+                if on_progress is not None:
+
+                    def on_step(step: int, total: int, latents, c=components) -> None:
+                        on_progress(step, total, latents, c)
+
+                inputs = self.studio.inputs_for_recipe(recipes[0])  # image inputs and concept vectors
+                arrays = generate(components, recipes, inputs, on_step=on_step, cancel=cancel)
+                for (job_id, _), recipe, images in zip(group, recipes, arrays, strict=True):
+                    outcome[job_id] = [
+                        Result(image, recipe.for_image(i), job_id=job_id) for i, image in enumerate(to_pil(images))
+                    ]
             except Cancelled:
                 raise
             except SpellbookError as exc:
@@ -118,36 +119,23 @@ class Executor:
         return outcome
 
 
-def _with_recipes(images: list[Image.Image], recipe: Recipe) -> list[Image.Image]:
-    for index, image in enumerate(images):
-        image.info["spellbook_recipe"] = recipe.for_image(index)
-    return images
+def image_record(settings: Settings, result: Result, index: int) -> dict[str, Any]:
+    """How a job's result lists one written image."""
+    assert result.path is not None
+    return {
+        "index": index,
+        "seed": result.recipe.image_seed,
+        "path": result.path.relative_to(settings.home).as_posix(),
+        "sha256": result.sha256,
+    }
 
 
-def save_job_images(home: Path, job_id: str, images: list[Image.Image]) -> list[dict[str, Any]]:
-    """Write a job's images under images/YYYY/MM/DD with their recipes; returns the result records."""
-    day = datetime.now(UTC).strftime("%Y/%m/%d")
-    folder = home / "images" / day
-    folder.mkdir(parents=True, exist_ok=True)
-    records = []
-    for index, image in enumerate(images):
-        recipe: Recipe = image.info["spellbook_recipe"]
-        path = folder / f"{job_id}-{index}.png"
-        save_png(image, path, recipe)
-        records.append(
-            {
-                "index": index,
-                "seed": recipe.image_seed,
-                "path": str(path.relative_to(home)),
-                "sha256": image_sha256(image),
-            }
-        )
-    return records
-
-
-def encode_png(image: Image.Image) -> str:
-    """Base64 PNG with the recipe chunks, as a remote worker sends it back."""
-    return base64.b64encode(png_bytes(image, image.info["spellbook_recipe"])).decode()
+def write_job_results(settings: Settings, job: Job, results: list[Result]) -> list[Result]:
+    """A job's images, written by the one writer to the one image path, owned by the job's owner."""
+    return [
+        write_result(replace(result, owner=job.owner, job_id=job.id), settings.image_path(f"{job.id}-{i}.png"))
+        for i, result in enumerate(results)
+    ]
 
 
 class BackgroundLoop:
@@ -190,14 +178,14 @@ class EmbeddedWorker(BackgroundLoop):
         *,
         batching: bool = True,
         max_batch: int = 8,
-        on_images: Callable[[Job, list[dict]], None] | None = None,
+        filer: GalleryFiler | None = None,
     ):
         self.studio = studio
         self.queue = queue
         self.executor = Executor(studio)
         self.batching = batching
         self.max_batch = max_batch if batching else 1
-        self.on_images = on_images
+        self.filer = filer
         self.id = f"embedded:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.live: dict[str, JobProgress] = {}
         super().__init__()
@@ -258,14 +246,14 @@ class EmbeddedWorker(BackgroundLoop):
         ids = [job.id for job in jobs]
         last_preview = [0.0]
 
-        def on_progress(progress: Progress, components) -> None:
+        def on_progress(step: int, total: int, latents, components) -> None:
             now = time.time()
             for job_id in ids:
                 live = self.live[job_id]
-                live.step, live.total, live.updated = progress.step, progress.total, now
-            if now - last_preview[0] > 0.5 or progress.step == progress.total:
+                live.step, live.total, live.updated = step, total, now
+            if now - last_preview[0] > 0.5 or step == total:
                 last_preview[0] = now
-                preview = preview_png(components, progress.latents)
+                preview = preview_png(components, latents)
                 for job_id in ids:
                     self.live[job_id].preview = preview
 
@@ -288,10 +276,12 @@ class EmbeddedWorker(BackgroundLoop):
                 continue
             if not self.queue.is_active(job.id):
                 continue  # cancelled while running
-            records = save_job_images(self.studio.settings.home, job.id, result)
-            if self.on_images:
-                self.on_images(job, records)
-            self.queue.complete(job.id, {"images": records, "batched_with": len(jobs)})
+            settings = self.studio.settings
+            written = write_job_results(settings, job, result)
+            records = [image_record(settings, r, i) for i, r in enumerate(written)]
+            # Done as soon as the PNGs are durable; the gallery files them after (the outbox).
+            if self.queue.complete(job.id, {"images": records, "batched_with": len(jobs)}) and self.filer:
+                self.filer.hand_over(job.id, written)
         for job_id in ids:
             self.live.pop(job_id, None)
 

@@ -19,7 +19,7 @@ from spellbook import __version__
 from spellbook.errors import Conflict, Forbidden, SpellbookError, UserError
 from spellbook.infotext import parse_infotext, read_png_text
 from spellbook.queue.jobs import Job
-from spellbook.recipe import SAMPLERS, SCHEDULES, Recipe
+from spellbook.recipe import SAMPLERS, SCHEDULES, ImageRequest, Recipe
 from spellbook.server.app import Caller, Services, services_of
 from spellbook.server.native import submit
 from spellbook.server.security import Principal, decode_image
@@ -68,17 +68,6 @@ def _unsupported(body: A1111Request) -> None:
             raise UserError(f"{field} is not supported by Spellbook's A1111-compatible API", field=field)
 
 
-def _sampler(body: A1111Request) -> tuple[str | None, str | None]:
-    sampler = body.sampler_name or body.sampler_index
-    schedule = None
-    if body.scheduler:
-        by_lower = {s.lower(): s for s in SCHEDULES}
-        schedule = by_lower.get(body.scheduler.lower())
-        if schedule is None:
-            raise UserError(f"scheduler {body.scheduler!r} is not one of {', '.join(SCHEDULES)}", field="scheduler")
-    return sampler, schedule
-
-
 def _model(services: Services, body: A1111Request) -> str:
     name = body.override_settings.get("sd_model_checkpoint") or services.default_model
     return _title_to_name(str(name))
@@ -92,47 +81,64 @@ def _title_to_name(title: str) -> str:
     return name
 
 
-async def _run(services: Services, who: Principal, body: A1111Request, kind: str, init: str | None, mask: str | None):
+def to_request(services: Services, body: A1111Request, kind: str) -> ImageRequest:
+    """The A1111 adapter: A1111's field names end here (cfg_scale -> guidance, scheduler -> schedule, …)."""
     _unsupported(body)
-    sampler, schedule = _sampler(body)
-    request: dict[str, Any] = {
-        "kind": kind,
-        "prompt": body.prompt,
-        "negative_prompt": body.negative_prompt,
-        "model": _model(services, body),
-        "sampler": sampler,
-        "schedule": schedule,
-        "steps": body.steps,
-        "guidance": body.cfg_scale,
-        "seed": None if body.seed == -1 else body.seed,
-        "batch_size": body.batch_size * body.n_iter,
-        "width": body.width,
-        "height": body.height,
-        "clip_skip": body.override_settings.get("CLIP_stop_at_last_layers"),
-        "init_image": init,
-        "mask": mask,
-    }
-    if kind != "txt2img":
-        request["strength"] = body.denoising_strength if body.denoising_strength is not None else 0.75
-        if mask and body.inpainting_mask_invert:
-            request["mask"] = _invert_mask(services, mask)
-    job = submit(services, who, request)
-    job = await services.wait_final(job.id)
+    max_pixels = services.settings.max_pixels
+    request = ImageRequest(
+        kind=kind,
+        prompt=body.prompt,
+        negative_prompt=body.negative_prompt,
+        model=_model(services, body),
+        sampler=body.sampler_name or body.sampler_index,
+        schedule=body.scheduler,
+        steps=body.steps,
+        guidance=body.cfg_scale,
+        seed=None if body.seed == -1 else body.seed,
+        batch_size=body.batch_size * body.n_iter,
+        width=body.width,
+        height=body.height,
+        clip_skip=body.override_settings.get("CLIP_stop_at_last_layers"),
+    )
+    if kind == "txt2img":
+        return request
+    mask = decode_image(body.mask, "mask", max_pixels) if body.mask else None
+    if mask is not None and body.inpainting_mask_invert:
+        from PIL import ImageOps
+
+        mask = ImageOps.invert(mask.convert("L"))
+    return request.with_(
+        init_image=decode_image(body.init_images[0], "init_images", max_pixels),
+        mask=mask,
+        strength=body.denoising_strength if body.denoising_strength is not None else 0.75,
+    )
+
+
+# Our field names -> A1111's, so an error names the field the client sent.
+_A1111_FIELDS = {
+    "guidance": "cfg_scale",
+    "schedule": "scheduler",
+    "sampler": "sampler_name",
+    "init_image": "init_images",
+    "strength": "denoising_strength",
+    "size": "width",
+    "clip_skip": "override_settings.CLIP_stop_at_last_layers",
+    "model": "override_settings.sd_model_checkpoint",
+}
+
+
+def _run(services: Services, who: Principal, body: A1111Request, kind: str) -> dict[str, Any]:
+    """Queue the job and wait for it, as A1111's endpoints do (in the thread pool: the event loop stays free)."""
+    try:
+        job = submit(services, who, to_request(services, body, kind))
+    except SpellbookError as error:
+        error.field = _A1111_FIELDS.get(error.field or "", error.field)
+        raise
+    job = services.wait_final(job.id)
     if job.state != "done":
         error = job.error or {"code": job.state, "message": f"the job was {job.state}"}
         raise SpellbookError(error.get("message", job.state), field=error.get("field"))
     return _response(services, job, body)
-
-
-def _invert_mask(services: Services, mask: str) -> str:
-    import io
-
-    from PIL import ImageOps
-
-    image = decode_image(mask, "mask", services.settings.max_pixels).convert("L")
-    buffer = io.BytesIO()
-    ImageOps.invert(image).save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
 
 
 def _response(services: Services, job: Job, body: A1111Request) -> dict[str, Any]:
@@ -177,16 +183,15 @@ def _response(services: Services, job: Job, body: A1111Request) -> dict[str, Any
 
 
 @router.post("/txt2img")
-async def txt2img(body: A1111Request, request: Request, who: Caller) -> dict[str, Any]:
-    return await _run(services_of(request), who, body, "txt2img", None, None)
+def txt2img(body: A1111Request, request: Request, who: Caller) -> dict[str, Any]:
+    return _run(services_of(request), who, body, "txt2img")
 
 
 @router.post("/img2img")
-async def img2img(body: A1111Request, request: Request, who: Caller) -> dict[str, Any]:
+def img2img(body: A1111Request, request: Request, who: Caller) -> dict[str, Any]:
     if not body.init_images:
         raise UserError("img2img needs init_images: a list with one base64 image", field="init_images")
-    kind = "inpaint" if body.mask else "img2img"
-    return await _run(services_of(request), who, body, kind, body.init_images[0], body.mask)
+    return _run(services_of(request), who, body, "inpaint" if body.mask else "img2img")
 
 
 @router.get("/options")
@@ -202,17 +207,22 @@ def get_options(request: Request, _who: Caller) -> dict[str, Any]:
 
 @router.post("/options")
 def set_options(options: dict[str, Any], request: Request, who: Caller) -> dict[str, Any]:
-    """Only `sd_model_checkpoint` (the server's default model; admin only when auth is on) can be set."""
+    """Only `sd_model_checkpoint` (the server's default model, kept across restarts; admin only when auth is on)
+    can be set. Everything is checked before anything changes."""
     services = services_of(request)
+    unknown = sorted(set(options) - {"sd_model_checkpoint", "CLIP_stop_at_last_layers", "samples_format"})
+    if unknown:
+        raise UserError(f"option {unknown[0]!r} cannot be set on Spellbook", field=unknown[0])
     if "sd_model_checkpoint" in options:
         if not who.admin:
             raise Forbidden("only an admin can change the server's default model", field="sd_model_checkpoint")
         name = _title_to_name(str(options["sd_model_checkpoint"]))
-        services.studio.cache.registry.resolve(name, allow_paths=False)
-        services.default_model = name
-    unknown = sorted(set(options) - {"sd_model_checkpoint", "CLIP_stop_at_last_layers", "samples_format"})
-    if unknown:
-        raise UserError(f"option {unknown[0]!r} cannot be set on Spellbook", field=unknown[0])
+        try:
+            services.studio.model_info(name, allow_paths=False)
+        except SpellbookError as error:
+            error.field = "sd_model_checkpoint"
+            raise
+        services.set_default_model(name)
     return {}
 
 

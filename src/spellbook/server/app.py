@@ -6,7 +6,7 @@ Scale-out mode (`broker`): the same rows, dispatched in compatible groups to Cel
 
 from __future__ import annotations
 
-import asyncio
+import json
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -20,6 +20,7 @@ from starlette.middleware.base import BaseHTTPMiddleware
 
 from spellbook import __version__
 from spellbook.errors import SpellbookError, TooLarge, UserError
+from spellbook.queue.filer import GalleryFiler
 from spellbook.queue.jobs import FINAL, Job, JobQueue
 from spellbook.queue.worker import EmbeddedWorker
 from spellbook.server.security import (
@@ -47,12 +48,23 @@ class Services:
     studio: Studio
     auth: bool
     limiter: RateLimiter
+    filer: GalleryFiler | None = None  # files finished jobs' images in the gallery (the outbox)
     worker: EmbeddedWorker | None = None
     dispatcher: object | None = None  # queue.celery.Dispatcher in scale-out mode
     default_model: str = "shapes"
     started: float = field(default_factory=time.time)
     # Password sign-ins per user name and per client address: slow enough that guessing passwords is hopeless.
     signin_limiter: RateLimiter = field(default_factory=lambda: RateLimiter(SIGNIN_PER_MINUTE, "sign-in attempts"))
+
+    def set_default_model(self, name: str) -> None:
+        """The model jobs use when they name none; kept in the store, so a restart keeps it."""
+        with self.db.transaction() as conn:
+            conn.execute(
+                "INSERT INTO server_options (name, value) VALUES ('default_model', ?) "
+                "ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+                (json.dumps(name),),
+            )
+        self.default_model = name
 
     def wake(self) -> None:
         if self.worker:
@@ -65,13 +77,15 @@ class Services:
             return self.worker.live.get(job_id)
         return None
 
-    async def wait_final(self, job_id: str, timeout: float = 3600) -> Job:
+    def wait_final(self, job_id: str, timeout: float = 3600) -> Job:
+        """Block until the job ends (for the A1111 API's synchronous calls; they run in FastAPI's thread pool,
+        never on the event loop)."""
         deadline = time.monotonic() + timeout
         while True:
             job = self.queue.get(job_id)
             if job.state in FINAL or time.monotonic() > deadline:
                 return job
-            await asyncio.sleep(0.1)
+            time.sleep(0.1)
 
 
 def build_services(settings: Settings, *, start_worker: bool = True) -> Services:
@@ -87,31 +101,25 @@ def build_services(settings: Settings, *, start_worker: bool = True) -> Services
     queue = JobQueue(db, lease_seconds=settings.lease_seconds)
     studio = Studio(settings)
     services = Services(settings, db, accounts, queue, studio, required, RateLimiter(settings.rate_limit))
+    saved = db.execute("SELECT value FROM server_options WHERE name = 'default_model'").fetchone()
+    if saved is not None:
+        services.default_model = json.loads(saved[0])
     if start_worker:
+        # Each finished job's images go into the gallery, owned by the job's owner (private until published).
+        services.filer = GalleryFiler(settings, queue)
         if settings.broker:
             from spellbook.queue.celery import Dispatcher
 
-            services.dispatcher = Dispatcher(settings, queue, on_images=_file_in_gallery(services))
+            services.dispatcher = Dispatcher(settings, queue)
         else:
             services.worker = EmbeddedWorker(
                 studio,
                 queue,
                 batching=settings.batching,
                 max_batch=settings.max_jobs_batch,
-                on_images=_file_in_gallery(services),
+                filer=services.filer,
             )
     return services
-
-
-def _file_in_gallery(services: Services):
-    """Each finished job's images go into the gallery, owned by the job's owner (private until published)."""
-
-    def file(job: Job, records: list[dict]) -> None:
-        from spellbook.gallery import file_job_images
-
-        file_job_images(services.db, services.settings, job, records)
-
-    return file
 
 
 class BodyLimit(BaseHTTPMiddleware):
@@ -145,15 +153,12 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        if services.worker:
-            services.worker.start()
-        if services.dispatcher:
-            services.dispatcher.start()
+        loops = [loop for loop in (services.filer, services.worker, services.dispatcher) if loop is not None]
+        for loop in loops:
+            loop.start()
         yield
-        if services.worker:
-            services.worker.stop()
-        if services.dispatcher:
-            services.dispatcher.stop()
+        for loop in reversed(loops):
+            loop.stop()
 
     app = FastAPI(
         title="Spellbook",

@@ -6,18 +6,23 @@ from typing import Annotated
 
 import typer
 
-from spellbook.settings import Settings
+from spellbook.cli_context import current_settings, quiet_libraries
 
 users_app = typer.Typer(help="Accounts of the server.", no_args_is_help=True)
 token_app = typer.Typer(help="API tokens (shown once, stored hashed).", no_args_is_help=True)
 credits_app = typer.Typer(help="Credits: grant and inspect.", no_args_is_help=True)
 
 
+def _given(**values):
+    """The flags the user gave (None: not given, so the SPELLBOOK_* setting or the default stands)."""
+    return {name: value for name, value in values.items() if value is not None}
+
+
 def _accounts():
     from spellbook.store.accounts import Accounts
     from spellbook.store.db import Database
 
-    return Accounts(Database(Settings.from_env().db_path))
+    return Accounts(Database(current_settings().db_path))
 
 
 def serve(
@@ -30,9 +35,11 @@ def serve(
     """Serve the API (and the in-process worker unless --broker is given)."""
     import uvicorn
 
+    quiet_libraries()
+
     from spellbook.server.app import create_app
 
-    settings = Settings.from_env(host=host, port=port, broker=broker)
+    settings = current_settings().with_(**_given(host=host, port=port, broker=broker))
     app = create_app(settings)  # refuses to start off loopback without an admin (a SpellbookError: exit 2)
     typer.echo(
         f"Spellbook on http://{settings.host}:{settings.port} ({'scale-out' if settings.broker else 'embedded'})"
@@ -47,7 +54,9 @@ def worker(
     """Run jobs from the broker; keeps models loaded between jobs."""
     from spellbook.queue.celery import run_worker
 
-    run_worker(Settings.from_env(broker=broker), name=name)
+    quiet_libraries()
+
+    run_worker(current_settings().with_(**_given(broker=broker)), name=name)
 
 
 @users_app.command("add")
@@ -58,6 +67,7 @@ def users_add(
         bool, typer.Option("--password", help="Ask for a password (for HTTP Basic / A1111 clients).")
     ] = False,
 ) -> None:
+    """Create a user (with no credits until granted)."""
     secret = typer.prompt("password", hide_input=True, confirmation_prompt=True) if password else None
     user = _accounts().add_user(name, admin=admin, password=secret)
     typer.echo(f"user {user.name} ({user.role}) created")
@@ -65,6 +75,7 @@ def users_add(
 
 @users_app.command("list")
 def users_list() -> None:
+    """Every user: name, role and balance."""
     for user in _accounts().users():
         typer.echo(f"{user.name}\t{user.role}\t{user.balance} credits")
 
@@ -77,12 +88,14 @@ def token_create(name: str, label: Annotated[str, typer.Option(help="What the to
 
 @credits_app.command("grant")
 def credits_grant(name: str, amount: int, note: Annotated[str, typer.Option(help="Ledger note.")] = "") -> None:
+    """Give USER credits (a negative AMOUNT takes them back); written to the ledger."""
     user = _accounts().grant(name, amount, note)
     typer.echo(f"{user.name}: {user.balance} credits")
 
 
 @credits_app.command("show")
 def credits_show(name: str) -> None:
+    """USER's balance and newest ledger rows."""
     accounts = _accounts()
     typer.echo(f"{name}: {accounts.user(name).balance} credits")
     for row in accounts.ledger(name):

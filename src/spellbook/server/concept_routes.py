@@ -108,13 +108,13 @@ def upload_concept(
         )
     check = None
     if model:
-        components = services.studio.components_for(model, allow_paths=False)
+        info = services.studio.model_info(model, allow_paths=False)  # metadata only: no weights in the API
 
         def check(concept) -> None:
-            from spellbook.engine.prompts import check_concepts
+            from spellbook.engine.prompts import check_concept_widths
 
             try:
-                check_concepts({concept.name: concept.vectors}, components.text_encoder, components.ref.name)
+                check_concept_widths({concept.name: concept.vectors}, info.text_width, info.name)
             except UserError as error:
                 raise UserError(error.message, field="file", hint=error.hint) from None
 
@@ -158,9 +158,9 @@ def train(
     studio.concepts.check_free(bare, overwrite=False)
     if not 1 <= len(images) <= MAX_PICTURES:
         raise UserError(f"{len(images)} pictures sent; send 1 to {MAX_PICTURES}", field="images")
-    components = studio.components_for(model or services.default_model, allow_paths=False)
+    info = studio.model_info(model or services.default_model, allow_paths=False)  # metadata only: no weights
     config = TrainConfig(name=bare, vectors=vectors, steps=steps, seed=seed, batch_size=batch_size or 8)
-    if init_word and not components.tokenizer(init_word, add_special_tokens=False).input_ids:
+    if init_word is not None and not init_word.strip():  # CLIP's byte-level BPE gives any other text tokens
         raise UserError(f"init word {init_word!r} has no tokens", field="init_word")
     # 2. The pictures, decoded under the pixel cap, kept by hash like init images.
     pictures = []
@@ -170,8 +170,8 @@ def train(
     # 3. Pay and queue.
     spec = ConceptJobSpec(
         name=bare,
-        model=components.ref.name,
-        model_sha256=components.ref.sha256,
+        model=info.name,
+        model_sha256=info.sha256,
         init_word=init_word or None,
         vectors=vectors,
         steps=steps,
@@ -179,7 +179,7 @@ def train(
         batch_size=batch_size,
         pictures=tuple(pictures),
     )
-    cost = training_cost(steps, config.batch_size, components.native_size)
+    cost = training_cost(steps, config.batch_size, info.native_size)
     job = services.queue.submit_task(CONCEPT_KIND, {"concept": spec.to_dict()}, owner=who.id, cost=cost)
     services.wake()
     return job_view(services, job)

@@ -13,10 +13,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from spellbook import __version__
 from spellbook.errors import NotFound
-from spellbook.models.loading import DEFAULTS_FILE
+from spellbook.models.info import DEFAULTS_FILE
 from spellbook.models.registry import ModelEntry
 from spellbook.queue.jobs import FINAL, Job
-from spellbook.recipe import SAMPLERS, SCHEDULES
+from spellbook.recipe import SAMPLERS, SCHEDULES, ImageRequest
 from spellbook.server.app import Caller, Services, services_of
 from spellbook.server.security import Principal, decode_image
 
@@ -48,18 +48,21 @@ class JobRequest(BaseModel):
     init_image: str | None = Field(None, description="img2img/inpaint: base64 PNG/JPEG (or a data: URL)")
     mask: str | None = Field(None, description="inpaint: base64 mask, white = repaint")
 
+    def to_request(self, max_pixels: int) -> ImageRequest:
+        """The native API's adapter: this body as an ImageRequest (images decoded under the pixel cap)."""
+        fields = self.model_dump(exclude={"init_image", "mask"})
+        return ImageRequest.from_dict(fields).with_(
+            init_image=decode_image(self.init_image, "init_image", max_pixels) if self.init_image else None,
+            mask=decode_image(self.mask, "mask", max_pixels) if self.mask else None,
+        )
 
-def submit(services: Services, who: Principal, request: dict[str, Any]) -> Job:
-    """Validate, pay, queue: the one path every API's job takes."""
+
+def submit(services: Services, who: Principal, request: ImageRequest) -> Job:
+    """Validate (model metadata only: the API process never loads weights), pay, queue: every API's jobs."""
     services.limiter.check(who.name)
-    settings = services.settings
-    init_image = request.pop("init_image", None)
-    mask = request.pop("mask", None)
-    init = decode_image(init_image, "init_image", settings.max_pixels) if init_image else None
-    mask_image = decode_image(mask, "mask", settings.max_pixels) if mask else None
-    request = {k: v for k, v in request.items() if v is not None}
-    request.setdefault("model", services.default_model)
-    recipe, _, _ = services.studio.prepare(request, init_image=init, mask=mask_image, allow_paths=False)
+    if request.model is None:
+        request = request.with_(model=services.default_model)
+    recipe = services.studio.plan(request, allow_paths=False)
     job = services.queue.submit(recipe, owner=who.id)
     services.wake()
     return job
@@ -70,9 +73,39 @@ def job_view(services: Services, job: Job) -> dict[str, Any]:
     live = services.live(job.id)
     if live is not None and job.state == "running":
         view["step"], view["total_steps"] = live.step, live.total
-    if job.result:
-        view["images"] = [f"/api/v1/jobs/{job.id}/images/{img['index']}" for img in job.result.get("images", [])]
+    if job.result and job.result.get("images"):
+        view["images"] = [f"/api/v1/jobs/{job.id}/images/{img['index']}" for img in job.result["images"]]
+        # Gallery ids once the outbox has filed the images (null until then: filing runs after completion).
+        filed = dict(services.db.execute("SELECT path, id FROM images WHERE job_id = ?", (job.id,)).fetchall())
+        view["result"] = {
+            **job.result,
+            "images": [{**img, "image_id": filed.get(img["path"])} for img in job.result["images"]],
+        }
     return view
+
+
+@router.get("", tags=["meta"])
+def index(request: Request) -> dict[str, Any]:
+    """What this API offers: each resource with its URL, the OpenAPI schema and its interactive docs."""
+    routes = sorted(path for path in request.app.openapi()["paths"] if path.startswith(("/api/v1/", "/sdapi/v1/")))
+    return {
+        "name": "Spellbook",
+        "version": __version__,
+        "docs": "/docs",
+        "openapi": "/openapi.json",
+        "resources": {
+            "health": "/api/v1/health",
+            "jobs": "/api/v1/jobs",
+            "models": "/api/v1/models",
+            "samplers": "/api/v1/samplers",
+            "me": "/api/v1/me",
+            "gallery": "/api/v1/gallery/search",
+            "feed": "/api/v1/gallery/feed",
+            "concepts": "/api/v1/concepts",
+            "a1111": "/sdapi/v1/txt2img",
+        },
+        "routes": routes,
+    }
 
 
 @router.get("/health", tags=["meta"])
@@ -86,7 +119,7 @@ def health(request: Request) -> dict[str, Any]:
 def create_job(body: JobRequest, request: Request, who: Caller) -> dict[str, Any]:
     """Queue a job; pays its cost in credits now (refunded if it fails or is cancelled)."""
     services = services_of(request)
-    return job_view(services, submit(services, who, body.model_dump()))
+    return job_view(services, submit(services, who, body.to_request(services.settings.max_pixels)))
 
 
 @router.get("/jobs")

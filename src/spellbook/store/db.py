@@ -12,9 +12,11 @@ import re
 import sqlite3
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 
@@ -94,7 +96,20 @@ class Database:
     def __init__(self, path: Path | str):
         self.path = Path(path)
         self._local = threading.local()
+        # Caches of data derived from this database (e.g. the gallery's word statistics), owned by it: they
+        # live as long as the object that opened the file, and another home never sees them.
+        self.caches: dict[str, Any] = {}
+        self.cache_lock = threading.Lock()
+        self._executor: ThreadPoolExecutor | None = None
+        self._executor_lock = threading.Lock()
         migrate(self.conn)
+
+    def executor(self) -> ThreadPoolExecutor:
+        """Two threads for work that reads this database beside the caller's thread (made on first use)."""
+        with self._executor_lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="spellbook-db")
+            return self._executor
 
     @property
     def conn(self) -> sqlite3.Connection:

@@ -18,10 +18,12 @@ import ctypes
 import sqlite3
 import sys
 import threading
-from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from spellbook.store.db import Database
 
 SQLITE_DBCONFIG_ENABLE_LOAD_EXTENSION = 1005
 
@@ -134,9 +136,6 @@ class CodeIndex:
     arrays (~40 ms for 1M rows on a busy core, against ~70 ms for a row-major (n, 6) layout).
     """
 
-    _instances: ClassVar[dict[Path, CodeIndex]] = {}
-    _instances_lock = threading.Lock()
-
     def __init__(self) -> None:
         self.last_row = 0
         self.image_ids = np.zeros(0, dtype=np.int64)
@@ -144,12 +143,10 @@ class CodeIndex:
         self._lock = threading.Lock()
 
     @classmethod
-    def for_database(cls, path: Path | str) -> CodeIndex:
-        key = Path(path).resolve()
-        with cls._instances_lock:
-            if key not in cls._instances:
-                cls._instances[key] = cls()
-            return cls._instances[key]
+    def for_database(cls, db: Database) -> CodeIndex:
+        """The index of `db`, kept with the Database object (it lives as long as whoever opened the file)."""
+        with db.cache_lock:
+            return db.caches.setdefault("code_index", cls())
 
     def refresh(self, conn: sqlite3.Connection) -> None:
         with self._lock:

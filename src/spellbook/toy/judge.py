@@ -15,7 +15,6 @@ from PIL import Image
 from spellbook.toy.world import BACKGROUNDS, COLOURS, NATIVE_SIZE, SHAPES, TRAINED_SHAPES, position_of, shape_mask
 
 FOREGROUND_DISTANCE = 60.0  # RGB distance from the background colour that makes a pixel foreground
-ATTRIBUTES = ("colour", "shape", "position", "background")
 
 
 @dataclass(frozen=True)

@@ -113,9 +113,7 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
 
 class Trainer:
     def __init__(self, out_dir: Path, config: TrainConfig, log: Callable[[str], None] = print):
-        from transformers import CLIPTokenizer
-
-        from spellbook.models.files import bundled_tokenizer_dir
+        from spellbook.models.files import bundled_tokenizer_dir, load_clip_tokenizer
 
         self.out_dir = out_dir
         self.config = config
@@ -124,7 +122,7 @@ class Trainer:
         self.vae = architecture.make_vae()
         self.text_encoder = architecture.make_text_encoder()
         self.unet = architecture.make_unet()
-        self.tokenizer = CLIPTokenizer.from_pretrained(bundled_tokenizer_dir())
+        self.tokenizer = load_clip_tokenizer(bundled_tokenizer_dir())
         self.noise_scheduler = architecture.make_train_scheduler()
         self.ema: dict[str, torch.nn.Module] = {}
         self.state = TrainState()

@@ -336,10 +336,27 @@ function finish(job) {
   if (job.state === "done") {
     status.textContent = `Done: ${job.images.length} image${job.images.length === 1 ? "" : "s"}.`;
     showResults(job);
+    whenFiled(job);
   } else if (job.state === "cancelled") {
     status.textContent = "Cancelled.";
   } else {
     status.textContent = `Failed: ${job.error || "unknown error"}`;
+  }
+}
+
+// A job is done as soon as its PNGs are written; the gallery files them a moment later. Until then a result
+// has no gallery id (and no Remix button): ask again a few times, then show the results with their ids.
+async function whenFiled(job, attempt = 0) {
+  const records = (job.result && job.result.images) || [];
+  if (!records.some((record) => record.image_id == null) || attempt >= 20) return;
+  await new Promise((resolve) => setTimeout(resolve, 250));
+  try {
+    const again = await api(`/api/v1/jobs/${encodeURIComponent(job.id)}`);
+    const filed = ((again.result && again.result.images) || []).every((record) => record.image_id != null);
+    if (filed) showResults(again);
+    else whenFiled(again, attempt + 1);
+  } catch (err) {
+    // The images are there; only the gallery actions wait. Nothing to tell the user.
   }
 }
 
