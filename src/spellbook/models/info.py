@@ -148,9 +148,8 @@ def _scheduler_config(folder: Path) -> dict[str, Any]:
     return _json(files[0])
 
 
-def read_folder_info(entry: ModelEntry, sha256: str) -> ModelInfo:
-    """A diffusers folder: configs of the UNet, VAE, text encoder and scheduler, plus spellbook.json."""
-    path = entry.path
+def check_diffusers_folder(path: Path) -> None:
+    """A Stable Diffusion diffusers folder with safetensors weights, or a clear error saying what is missing."""
     for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         if not (path / part).is_dir():
             raise UserError(f"{path} has no {part}/ folder: not a Stable Diffusion diffusers folder", field="model")
@@ -159,6 +158,12 @@ def read_folder_info(entry: ModelEntry, sha256: str) -> ModelInfo:
             f"{path} has no .safetensors weights (only pickled .bin files?); convert it to safetensors",
             field="model",
         )
+
+
+def read_folder_info(entry: ModelEntry, sha256: str) -> ModelInfo:
+    """A diffusers folder: configs of the UNet, VAE, text encoder and scheduler, plus spellbook.json."""
+    path = entry.path
+    check_diffusers_folder(path)
     unet = _json(path / "unet" / "config.json")
     vae = _json(path / "vae" / "config.json")
     text = _json(path / "text_encoder" / "config.json")
@@ -277,19 +282,8 @@ class ModelCatalog:
     def check_file(self, path: Path) -> ModelInfo:
         """What `models add` checks before registering a file or folder: it reads as a model of a known
         architecture (safetensors header or configs), and a pickle is refused unless allowed."""
-        from spellbook.models.registry import entry_format
-
-        path = Path(path).expanduser()
-        if not path.exists():
-            raise UserError(f"{path} does not exist", field="path")
-        fmt = entry_format(path)
-        if fmt is None:
-            raise UserError(
-                f"{path} is not a model: expected a diffusers folder (with model_index.json) or a .safetensors file",
-                field="path",
-            )
-        entry = ModelEntry(path.stem if path.is_file() else path.name, path.resolve(), fmt)
-        if fmt == "pickle" and self.allow_pickle:
+        entry = self.registry.source_entry(path)
+        if entry.format == "pickle" and self.allow_pickle:
             from spellbook.models.safety import scan_pickle
 
             dangerous = scan_pickle(entry.path)  # read without unpickling

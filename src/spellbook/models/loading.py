@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from spellbook.errors import Refused, UserError
+from spellbook.errors import UserError
 from spellbook.models.components import Components
-from spellbook.models.info import DEFAULTS_FILE
+from spellbook.models.info import DEFAULTS_FILE, check_diffusers_folder
 from spellbook.models.registry import ModelEntry, ModelRegistry
 from spellbook.recipe import ModelRef
 from spellbook.settings import Settings
@@ -35,14 +35,7 @@ def load_diffusers_folder(path: Path, dtype: torch.dtype = torch.float32) -> dic
 
     from spellbook.models.files import load_clip_tokenizer
 
-    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
-        if not (path / part).is_dir():
-            raise UserError(f"{path} has no {part}/ folder: not a Stable Diffusion diffusers folder", field="model")
-    if not any((path / part).glob("*.safetensors") for part in ("unet", "vae", "text_encoder")):
-        raise Refused(
-            f"{path} has no .safetensors weights (only pickled .bin files?); convert it to safetensors",
-            field="model",
-        )
+    check_diffusers_folder(path)
     scheduler_files = list((path / "scheduler").glob("*.json"))
     defaults = json.loads((path / DEFAULTS_FILE).read_text()) if (path / DEFAULTS_FILE).is_file() else {}
     return {

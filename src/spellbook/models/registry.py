@@ -145,9 +145,9 @@ class ModelRegistry:
             raise UserError(f"{repo_id!r} is not a diffusers Stable Diffusion repository", field="model")
         return ModelEntry(name, target, "diffusers")
 
-    def add(self, source: Path, name: str | None = None, *, copy: bool = False) -> ModelEntry:
-        """Register a model under a name: a symlink into the models folder (or a copy with copy=True)."""
-        source = source.expanduser().resolve()
+    def source_entry(self, source: Path) -> ModelEntry:
+        """A model on disk outside the models folder (what `models add` is given), by its format."""
+        source = Path(source).expanduser().resolve()
         if not source.exists():
             raise UserError(f"{source} does not exist", field="path")
         fmt = entry_format(source)
@@ -156,7 +156,13 @@ class ModelRegistry:
                 f"{source} is not a model: expected a diffusers folder (with model_index.json) or a .safetensors file",
                 field="path",
             )
-        name = check_name(name or (source.stem if source.is_file() else source.name))
+        return ModelEntry(source.stem if source.is_file() else source.name, source, fmt)
+
+    def add(self, source: Path, name: str | None = None, *, copy: bool = False) -> ModelEntry:
+        """Register a model under a name: a symlink into the models folder (or a copy with copy=True)."""
+        entry = self.source_entry(source)
+        source, fmt = entry.path, entry.format
+        name = check_name(name or entry.name)
         if name == BUILTIN or any(e.name == name for e in self.list()):
             raise UserError(f"a model named {name!r} already exists; choose another --name", field="name")
         self.folder.mkdir(parents=True, exist_ok=True)
