@@ -257,6 +257,7 @@ def test_screenshots_of_the_pages_with_the_shapes_model(home, studio, page, tmp_
         sync_api.expect(page.locator("#model")).to_have_value("shapes")
         generate_on_page(page, "a red circle", seed=42, batch_size=2)
         sync_api.expect(page.locator(".result")).to_have_count(2)
+        sync_api.expect(page.locator('.result button[data-action="remix"]')).to_have_count(2)  # once filed
         page.screenshot(path=out / "ui-create.png")
         page.goto(base + "/gallery")
         sync_api.expect(page.locator(".tile")).to_have_count(4)
