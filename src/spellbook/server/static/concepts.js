@@ -213,11 +213,12 @@ async function finish(job, name) {
 
 trainCancel.addEventListener("click", async () => {
   if (!training) return;
+  // Say it before asking: the stream's final event may arrive before the answer, and must have the last word.
+  trainStatus.textContent = "Cancelling…";
   try {
     await api(`/api/v1/jobs/${encodeURIComponent(training.id)}/cancel`, { method: "POST" });
-    trainStatus.textContent = "Cancelling…";
   } catch (err) {
-    trainStatus.textContent = err.message;
+    if (training) trainStatus.textContent = err.message;
   }
 });
 

@@ -420,11 +420,12 @@ document.addEventListener("keydown", (event) => {
 });
 cancel.addEventListener("click", async () => {
   if (!current) return;
+  // Say it before asking: the stream's final event may arrive before the answer, and must have the last word.
+  status.textContent = "Cancelling…";
   try {
     await api(`/api/v1/jobs/${encodeURIComponent(current.id)}/cancel`, { method: "POST" });
-    status.textContent = "Cancelling…";
   } catch (err) {
-    status.textContent = err.message;
+    if (current) status.textContent = err.message;
   }
 });
 document.getElementById("dice").addEventListener("click", () => {
