@@ -129,7 +129,9 @@ def main() -> None:
         grid = Image.new("RGB", (columns * SIZE * scale, len(tiles) * SIZE * scale), (255, 0, 255))
         for r, row in enumerate(tiles.values()):
             for c, tile in enumerate(row):
-                grid.paste(tile.resize((SIZE * scale, SIZE * scale), Image.NEAREST), (c * SIZE * scale, r * SIZE * scale))
+                grid.paste(
+                    tile.resize((SIZE * scale, SIZE * scale), Image.NEAREST), (c * SIZE * scale, r * SIZE * scale)
+                )
         grid.save(args.grid)
     result = {
         "benchmark": "inpaint_adherence",

@@ -77,7 +77,7 @@ def make_client(home, studio):
         s = Settings.from_env(**settings)
         services = build_services(s, start_worker=start_worker)
         services.default_model = "tiny"
-        client = TestClient(create_app(s, services=services))
+        client = TestClient(create_app(s, services=services), base_url="http://127.0.0.1")
         client.__enter__()
         clients.append(client)
         return client, services

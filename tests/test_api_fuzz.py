@@ -18,7 +18,8 @@ from spellbook.settings import Settings
 # accepted jobs just queue. The endpoints that wait for a job (A1111 txt2img/img2img) or stream (SSE) are
 # covered by test_server.py instead.
 _HOME = Path(tempfile.mkdtemp(prefix="spellbook-fuzz-"))
-_SETTINGS = Settings.from_env(env={}, home=str(_HOME), rate_limit=0)
+# schemathesis' ASGI client names the server "testserver": allowed, as an operator would add a LAN name.
+_SETTINGS = Settings.from_env(env={}, home=str(_HOME), rate_limit=0, allowed_hosts="testserver")
 _APP = create_app(_SETTINGS, services=build_services(_SETTINGS, start_worker=False))
 schema = schemathesis.openapi.from_asgi("/openapi.json", _APP)
 schema = schema.exclude(path_regex=r"^/sdapi/v1/(txt2img|img2img)$").exclude(path_regex=r"/events$")

@@ -95,7 +95,7 @@ def test_scale_out_survives_a_killed_worker(redis_url, home, tmp_path):
         control = make_celery(settings).control
         wait_for(lambda: len(control.ping(timeout=0.5)) == 2, 180, "both workers up")
         services = build_services(settings)
-        with TestClient(create_app(settings, services=services)) as client:
+        with TestClient(create_app(settings, services=services), base_url="http://127.0.0.1") as client:
             ids = early + [
                 client.post("/api/v1/jobs", json={"prompt": f"a red circle {i}", "seed": i, "steps": 12}).json()["id"]
                 for i in range(12)

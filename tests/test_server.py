@@ -98,7 +98,7 @@ def test_foreign_origin_post_is_refused(make_client):
     client, _ = make_client(start_worker=False)
     response = client.post("/api/v1/jobs", json={"prompt": "x"}, headers={"origin": "https://evil.example"})
     assert response.status_code == 403
-    same = client.post("/api/v1/jobs", json={"prompt": "x"}, headers={"origin": "http://testserver"})
+    same = client.post("/api/v1/jobs", json={"prompt": "x"}, headers={"origin": "http://127.0.0.1"})
     assert same.status_code == 202
 
 
@@ -262,3 +262,24 @@ def test_the_api_index_links_every_resource(make_client):
     for url in index["resources"].values():
         assert url in index["routes"]
     assert client.get(index["resources"]["health"]).json()["ok"] is True
+
+
+def test_dns_rebinding_is_refused_without_auth(make_client, monkeypatch):
+    """A page on rebind.evil that resolves to 127.0.0.1 sends Host: rebind.evil; without auth that is refused."""
+    client, _ = make_client(start_worker=False)
+    evil = {"host": "rebind.evil:7860", "origin": "http://rebind.evil:7860"}
+    for method, url, body in (
+        ("POST", "/api/v1/jobs", {"prompt": "x", "steps": 1}),
+        ("DELETE", "/api/v1/concepts/anything", None),
+        ("POST", "/sdapi/v1/options", {"sd_model_checkpoint": "tiny"}),
+        ("GET", "/api/v1/gallery/search?q=x", None),
+        ("GET", "/", None),
+    ):
+        response = client.request(method, url, json=body, headers=evil)
+        assert response.status_code == 403, (method, url, response.text)
+        assert response.json()["error"]["field"] == "host" and "SPELLBOOK_ALLOWED_HOSTS" in response.text
+    for host in ("127.0.0.1:7860", "localhost:7860", "[::1]:7860"):
+        assert client.get("/api/v1/health", headers={"host": host}).status_code == 200
+    named, _ = make_client(start_worker=False, allowed_hosts="studio.lan")
+    assert named.get("/api/v1/health", headers={"host": "studio.lan:7860"}).status_code == 200
+    assert named.get("/api/v1/health", headers={"host": "rebind.evil"}).status_code == 403

@@ -28,7 +28,7 @@ def make_client(home):
     """A TestClient over an auth-on app without a worker (nothing here runs jobs)."""
     clients = []
 
-    def make(base_url: str = "http://testserver", **settings):
+    def make(base_url: str = "http://127.0.0.1", **settings):
         s = Settings.from_env(auth="on", **settings)
         client = TestClient(create_app(s, services=build_services(s, start_worker=False)), base_url=base_url)
         client.__enter__()
@@ -64,7 +64,7 @@ def test_a_password_sign_in_sets_an_http_only_strict_cookie_and_sign_out_revokes
 
 
 def test_over_https_the_cookie_is_secure(make_client, accounts):
-    client = make_client(base_url="https://testserver")
+    client = make_client(base_url="https://127.0.0.1")
     cookie = sign_in(client).headers["set-cookie"]
     assert "; Secure" in cookie and "; HttpOnly" in cookie
 
@@ -92,7 +92,7 @@ def test_sign_in_and_out_from_another_site_are_refused(make_client, accounts):
     evil = {"origin": "https://evil.example"}
     assert sign_in(client, headers=evil).status_code == 403
     assert "spellbook_token" not in client.cookies
-    assert sign_in(client, headers={"origin": "http://testserver"}).status_code == 200
+    assert sign_in(client, headers={"origin": "http://127.0.0.1"}).status_code == 200
     assert client.delete("/api/v1/session", headers=evil).status_code == 403
     assert client.get("/api/v1/me").status_code == 200  # still signed in
 

@@ -29,6 +29,7 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 7860
     auth: str = "auto"  # auto: off on a loopback bind, required on any other; on; off (loopback only)
+    allowed_hosts: str = ""  # names (comma-separated) this server answers to besides loopback and its bind address
     broker: str = ""  # redis://… : scale-out mode (jobs go to Celery workers); empty: embedded worker
     max_body_mb: int = 32  # request body cap
     rate_limit: int = 120  # job submissions per user per minute

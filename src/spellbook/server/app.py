@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.base import BaseHTTPMiddleware
 
 from spellbook import __version__
-from spellbook.errors import SpellbookError, TooLarge, UserError
+from spellbook.errors import Forbidden, SpellbookError, TooLarge, UserError
 from spellbook.queue.filer import GalleryFiler
 from spellbook.queue.jobs import FINAL, Job, JobQueue
 from spellbook.queue.worker import EmbeddedWorker
@@ -28,9 +28,11 @@ from spellbook.server.security import (
     SIGNIN_PER_MINUTE,
     Principal,
     RateLimiter,
+    allowed_host,
     auth_required,
     authenticate,
     check_origin,
+    host_name,
     is_loopback,
 )
 from spellbook.settings import Settings
@@ -147,6 +149,27 @@ class BodyLimit(BaseHTTPMiddleware):
         return await call_next(request)
 
 
+class HostCheck(BaseHTTPMiddleware):
+    """Without auth (a loopback bind), answer only requests that name this server in their Host header."""
+
+    def __init__(self, app, services: Services):
+        super().__init__(app)
+        self.services = services
+        self.extra = tuple(services.settings.allowed_hosts.split(","))
+
+    async def dispatch(self, request: Request, call_next):
+        host = request.headers.get("host", "")
+        if not self.services.auth and not allowed_host(host, self.services.settings.host, self.extra):
+            error = Forbidden(
+                f"this server does not answer to the name {host_name(host) or '(none)'!r}: without authentication "
+                "it answers only to its loopback address (a page elsewhere could otherwise drive it)",
+                field="host",
+                hint="browse to http://127.0.0.1, or add the name to SPELLBOOK_ALLOWED_HOSTS",
+            )
+            return JSONResponse(error.to_dict(), status_code=error.http_status)
+        return await call_next(request)
+
+
 def create_app(settings: Settings | None = None, *, services: Services | None = None) -> FastAPI:
     settings = settings or Settings.from_env()
     services = services or build_services(settings)
@@ -168,6 +191,7 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     )
     app.state.services = services
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_mb * 1024 * 1024)
+    app.add_middleware(HostCheck, services=services)
 
     @app.exception_handler(SpellbookError)
     async def spellbook_error(_request: Request, exc: SpellbookError):

@@ -105,6 +105,24 @@ def check_origin(request: Request) -> None:
         raise Forbidden(f"requests from origin {origin} are not accepted; use the server's own pages or an API client")
 
 
+def host_name(header: str) -> str:
+    """The name in a Host header, without its port: 'localhost:7860' -> 'localhost', '[::1]:7860' -> '::1'."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1 : header.find("]")] if "]" in header else header
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+def allowed_host(header: str, bound: str, extra: tuple[str, ...] = ()) -> bool:
+    """Is `header` (a request's Host) a name of this server? Loopback addresses and `localhost`, the address it
+    is bound to, and the names an operator configured (SPELLBOOK_ALLOWED_HOSTS). Without auth this is what
+    stops DNS rebinding: a page on rebind.evil that resolves to 127.0.0.1 still sends Host: rebind.evil."""
+    name = host_name(header)
+    if not name:
+        return False
+    return is_loopback(name) or name == bound.lower() or name in {e.strip().lower() for e in extra if e.strip()}
+
+
 SIGNIN_PER_MINUTE = 10  # password sign-ins per user name and per client address
 SESSION_COOKIE = "spellbook_token"
 SESSION_LABEL = "web session"  # the label of tokens made by a password sign-in (revoked by signing out)
