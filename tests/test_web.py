@@ -470,7 +470,12 @@ def test_gallery_image_to_img2img_remix_and_copy_recipe(home, studio, browser):
             detail.locator('button[data-action="img2img"]').click()
             sync_api.expect(page).to_have_url(re.compile(r"/sketch\?init="))
             sync_api.expect(page.locator("#sketch-canvas")).to_have_attribute("width", "256")
-            canvas = np.asarray(canvas_png(page, "#sketch-canvas"))
+            deadline = time.monotonic() + 30  # the picture is drawn once it has loaded: the canvas may be blank first
+            while True:
+                canvas = np.asarray(canvas_png(page, "#sketch-canvas"))
+                if np.array_equal(canvas[8::16, 8::16], picture) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
             assert np.array_equal(canvas[8::16, 8::16], picture)
             # remix: back on Create with the image's recipe in the form; Ctrl+Enter draws it again
             page.go_back()
