@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import struct
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -283,3 +284,24 @@ def test_dns_rebinding_is_refused_without_auth(make_client, monkeypatch):
     named, _ = make_client(start_worker=False, allowed_hosts="studio.lan")
     assert named.get("/api/v1/health", headers={"host": "studio.lan:7860"}).status_code == 200
     assert named.get("/api/v1/health", headers={"host": "rebind.evil"}).status_code == 403
+
+
+def test_no_leaks_to_strangers_health_and_file_paths(make_client, home):
+    from spellbook.store.accounts import Accounts
+    from spellbook.store.db import Database
+
+    accounts = Accounts(Database(Settings.from_env().db_path))
+    accounts.add_user("dora")
+    accounts.grant("dora", 20)
+    accounts.add_user("eve")
+    dora = {"authorization": f"Bearer {accounts.create_token('dora')}"}
+    eve = {"authorization": f"Bearer {accounts.create_token('eve')}"}
+    client, _ = make_client(auth="on")
+    assert client.get("/api/v1/health").json() == {"ok": True, "version": client.get("/api/v1").json()["version"]}
+    assert "jobs" in client.get("/api/v1/health", headers=dora).json()  # a signed-in caller sees the queue
+    job = client.post("/api/v1/jobs", json={"prompt": "a teal circle", "steps": 2}, headers=dora).json()
+    image_id = wait_filed(client, job["id"], headers=dora)["result"]["images"][0]["image_id"]
+    client.post(f"/api/v1/gallery/images/{image_id}/visibility", json={"visibility": "public"}, headers=dora)
+    shown = client.get(f"/api/v1/gallery/images/{image_id}", headers=eve).json()
+    assert shown["src"] == f"/api/v1/gallery/images/{image_id}/file" and "path" not in shown
+    assert str(home) not in json.dumps(shown)

@@ -72,6 +72,7 @@ def feed(
 def show(image_id: ImageId, request: Request, who: Caller) -> dict[str, Any]:
     details = gallery.show(services_of(request).db, image_id, viewer=viewer(who))
     data = details.to_dict()
+    data.pop("path", None)  # where the file lies on the server's disk is not the caller's business
     data.update(view(details.image))
     data["parent"] = view(details.parent) if details.parent else None
     # Whether the caller may publish or hide it (the owner; everyone when auth is off).

@@ -12,13 +12,13 @@ from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from spellbook import __version__
-from spellbook.errors import NotFound
+from spellbook.errors import NotFound, SpellbookError
 from spellbook.models.info import DEFAULTS_FILE
 from spellbook.models.registry import ModelEntry
 from spellbook.queue.jobs import FINAL, Job
 from spellbook.recipe import SAMPLERS, SCHEDULES, ImageRequest
 from spellbook.server.app import Caller, Services, services_of
-from spellbook.server.security import Principal, decode_image
+from spellbook.server.security import Principal, authenticate, decode_image
 
 router = APIRouter(prefix="/api/v1", tags=["native"])
 JobId = Annotated[str, Path(min_length=1, max_length=64, description="job id")]
@@ -110,7 +110,17 @@ def index(request: Request) -> dict[str, Any]:
 
 @router.get("/health", tags=["meta"])
 def health(request: Request) -> dict[str, Any]:
+    """Liveness for anyone; with auth on, the mode and the queue's counts only for a caller with a valid token."""
     services = services_of(request)
+    if services.auth:
+        # Tokens only: a password here would be one more place to guess it.
+        bearer = request.headers.get("authorization", "").lower().startswith("bearer ")
+        try:
+            if not (bearer or request.cookies.get("spellbook_token")):
+                return {"ok": True, "version": __version__}
+            authenticate(request, services.accounts, required=True)
+        except SpellbookError:
+            return {"ok": True, "version": __version__}
     mode = "scale-out" if services.dispatcher else "embedded"
     return {"ok": True, "version": __version__, "mode": mode, "auth": services.auth, "jobs": services.queue.counts()}
 
