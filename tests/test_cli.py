@@ -255,9 +255,6 @@ def test_models_add_checks_the_file_first_and_rm_takes_it_out(cli, tmp_path):
 
 
 def test_toy_judge_exits_1_when_the_image_differs_from_the_prompt(cli, tmp_path):
-    import numpy as np
-    from PIL import Image
-
     from spellbook.toy import world
 
     picture = world.render(world.Scene("red", "circle", "left", "black"), np.random.default_rng(0))
@@ -266,3 +263,31 @@ def test_toy_judge_exits_1_when_the_image_differs_from_the_prompt(cli, tmp_path)
     assert cli("toy", "judge", path, "--prompt", "a red circle on the left, black background")[0] == 0
     code, out, _ = cli("toy", "judge", path, "--prompt", "a blue circle on the left, black background")
     assert code == 1 and "differs from the prompt in: colour" in out
+
+
+def test_a_decompression_bomb_is_one_line_and_exit_2_everywhere(cli, tmp_path):
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    bomb = tmp_path / "bomb.png"  # claims 30000x30000: decoding it would take gigabytes
+    ihdr = struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0)
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)))
+    for args in (
+        ("info", bomb),
+        ("verify", bomb),
+        ("toy", "judge", bomb),
+        ("img2img", bomb, "x", "--model", "tiny"),
+        ("inpaint", bomb, bomb, "x", "--model", "tiny"),
+        ("gallery", "similar", bomb),
+    ):
+        code, _, err = cli(*args)
+        assert code == 2 and "too large to open safely" in err and len(err.strip().splitlines()) == 1, (args, err)
+    good = tmp_path / "folder"
+    good.mkdir()
+    bomb.rename(good / "bomb.png")
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(good / "plain.png")
+    code, out, _ = cli("gallery", "import", good)
+    assert code == 0 and "imported 1" in out and "bomb.png is too large" in out

@@ -11,6 +11,7 @@ import hashlib
 import math
 import os
 import threading
+import warnings
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -111,9 +112,16 @@ def open_image(path: Path, field: str = "image", max_pixels: int | None = None) 
     if path.is_dir():
         raise UserError(f"{path} is a folder, not an image", field=field)
     try:
-        image = Image.open(path)
+        with warnings.catch_warnings():
+            # Pillow only warns between its limit and twice it; both are pictures too large to decode safely.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(path)
     except UnidentifiedImageError:
         raise UserError(f"{path} is not an image Spellbook can read (PNG, JPEG, WebP, …)", field=field) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise UserError(
+            f"{path} is too large to open safely (over {Image.MAX_IMAGE_PIXELS:,} pixels: {exc})", field=field
+        ) from None
     if max_pixels is not None and image.width * image.height > max_pixels:
         raise UserError(f"{path} is {image.width}x{image.height}; the limit is {max_pixels} pixels", field=field)
     image.load()
