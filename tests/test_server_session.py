@@ -122,3 +122,22 @@ def test_the_ledger_pages_back_from_the_newest_row(make_client, accounts):
             break
     assert notes == [["grant 4", "grant 3"], ["grant 2", "grant 1"], ["welcome"]]
     assert client.get("/api/v1/me/ledger", params={"limit": 0}).status_code == 400
+
+
+def test_wrong_basic_passwords_are_limited_like_sign_ins(make_client, home):
+    import base64
+
+    accounts = Accounts(Database(Settings.from_env().db_path))
+    accounts.add_user("alice")
+    accounts.set_password("alice", "correct horse battery")
+
+    def basic(password: str) -> dict[str, str]:
+        return {"authorization": "Basic " + base64.b64encode(f"alice:{password}".encode()).decode()}
+
+    client = make_client()  # auth on
+    for _ in range(3):  # the right password, as A1111 clients send it with every request: never limited
+        assert client.get("/sdapi/v1/options", headers=basic("correct horse battery")).status_code == 200
+    codes = [client.get("/sdapi/v1/options", headers=basic(f"guess {i}")).status_code for i in range(SIGNIN_PER_MINUTE)]
+    assert codes == [401] * SIGNIN_PER_MINUTE
+    assert client.get("/sdapi/v1/options", headers=basic("guess again")).status_code == 429
+    assert client.get("/sdapi/v1/options", headers=basic("correct horse battery")).status_code == 429  # for now

@@ -226,9 +226,12 @@ def principal(request: Request) -> Principal:
     """FastAPI dependency: the authenticated caller (and the Origin check for writes)."""
     services: Services = request.app.state.services
     check_origin(request)
+    limiter = services.signin_limiter  # one limit for every way a password is presented
     if not services.auth:
-        return authenticate(request, services.accounts, required=False) if _has_credentials(request) else LOCAL
-    return authenticate(request, services.accounts, required=True)
+        if not _has_credentials(request):
+            return LOCAL
+        return authenticate(request, services.accounts, required=False, limiter=limiter)
+    return authenticate(request, services.accounts, required=True, limiter=limiter)
 
 
 Caller = Annotated[Principal, Depends(principal)]

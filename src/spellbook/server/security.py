@@ -66,7 +66,10 @@ class Principal:
 LOCAL = Principal(None)
 
 
-def authenticate(request: Request, accounts: Accounts, required: bool) -> Principal:
+def authenticate(request: Request, accounts: Accounts, required: bool, limiter: RateLimiter | None = None) -> Principal:
+    """The caller, from a Bearer token, the session cookie or HTTP Basic. Wrong Basic passwords count against
+    `limiter` per user name and per client address, as password sign-ins do (a client that sends the right
+    password with every request, as A1111 clients do, is never slowed)."""
     header = request.headers.get("authorization", "")
     token = request.cookies.get("spellbook_token", "")
     scheme, _, value = header.partition(" ")
@@ -84,8 +87,16 @@ def authenticate(request: Request, accounts: Accounts, required: bool) -> Princi
             name, _, password = base64.b64decode(value).decode().partition(":")
         except (binascii.Error, UnicodeDecodeError):
             raise Unauthorized("malformed Basic authorization header") from None
+        address = request.client.host if request.client else "unknown"
+        keys = (f"address:{address}", f"user:{name}")
+        if limiter is not None:
+            for key in keys:
+                limiter.check(key, spend=False)
         user = accounts.check_password(name, password)
         if user is None:
+            if limiter is not None:
+                for key in keys:
+                    limiter.spend(key)
             raise Unauthorized("wrong user name or password")
         return Principal(user)
     if required:
@@ -138,7 +149,8 @@ class RateLimiter:
         self.buckets: dict[str, tuple[float, float]] = {}
         self.lock = threading.Lock()
 
-    def check(self, key: str) -> None:
+    def check(self, key: str, *, spend: bool = True) -> None:
+        """Raise RateLimited when `key`'s bucket is empty; otherwise take one token (or, spend=False, none)."""
         if self.rate <= 0:
             return
         now = time.monotonic()
@@ -148,7 +160,16 @@ class RateLimiter:
             if tokens < 1:
                 self.buckets[key] = (tokens, now)
                 raise RateLimited(f"too many {self.what}: at most {int(self.capacity)} per minute; try again shortly")
-            self.buckets[key] = (tokens - 1, now)
+            self.buckets[key] = (tokens - 1 if spend else tokens, now)
+
+    def spend(self, key: str) -> None:
+        """Take a token without raising (a failure already happened; the next check will tell)."""
+        if self.rate <= 0:
+            return
+        now = time.monotonic()
+        with self.lock:
+            tokens, last = self.buckets.get(key, (self.capacity, now))
+            self.buckets[key] = (max(0.0, min(self.capacity, tokens + (now - last) * self.rate) - 1), now)
 
 
 def decode_image(data: str, field: str, max_pixels: int) -> Image.Image:
