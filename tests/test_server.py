@@ -305,3 +305,11 @@ def test_no_leaks_to_strangers_health_and_file_paths(make_client, home):
     shown = client.get(f"/api/v1/gallery/images/{image_id}", headers=eve).json()
     assert shown["src"] == f"/api/v1/gallery/images/{image_id}/file" and "path" not in shown
     assert str(home) not in json.dumps(shown)
+
+
+def test_a1111_requests_without_a_size_get_the_models_native_size(make_client):
+    client, _ = make_client()
+    response = client.post("/sdapi/v1/txt2img", json={"prompt": "a red circle", "steps": 2})
+    assert response.status_code == 200, response.text
+    info = json.loads(response.json()["info"])
+    assert (info["width"], info["height"]) == (16, 16)  # the tiny model's own size, not A1111's 512

@@ -41,8 +41,8 @@ class A1111Request(BaseModel):
     n_iter: int = Field(1, ge=1, le=1000)
     steps: int | None = Field(None, ge=1, le=10_000)
     cfg_scale: float = Field(7.0, ge=0, le=100)
-    width: int = Field(512, ge=8, le=16_384)
-    height: int = Field(512, ge=8, le=16_384)
+    width: int | None = Field(None, ge=8, le=16_384, description="default: the model's native size")
+    height: int | None = Field(None, ge=8, le=16_384, description="default: the model's native size")
     denoising_strength: float | None = Field(None, ge=0, le=1)
     override_settings: dict[str, Any] = Field(default_factory=dict)
     enable_hr: bool = False
