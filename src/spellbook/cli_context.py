@@ -1,5 +1,6 @@
-"""What every `spellbook` command shares. The Settings of the running command: built once by the root command from SPELLBOOK_* and its
-flags (`--allow-pickle`), kept in Typer's context object, and read by every command group through here."""
+"""What every `spellbook` command shares: the Settings of the running command (built once by the root command
+from SPELLBOOK_* and its flags such as `--allow-pickle`, kept in Typer's context object, read by every command
+group through here) and the quieting of the libraries' chatter."""
 
 from __future__ import annotations
 

@@ -73,18 +73,12 @@ def _chunks(recipe: Recipe) -> dict[str, str]:
 def write_result(result: Result, path: Path) -> Result:
     """The one PNG writer: the image with its `parameters` and `spellbook` chunks, written atomically (a crash
     leaves the old file or the new one, never half of one). Returns the result with its path and pixel hash."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        write_png_text(result.image, tmp, _chunks(result.recipe))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_png_bytes(png_bytes(result.image, result.recipe), path)
     return replace(result, path=path, sha256=result.sha256 or image_sha256(result.image))
 
 
 def write_png_bytes(data: bytes, path: Path) -> Path:
-    """PNG bytes a remote worker made with `png_bytes` (recipe chunks included), written as they are, atomically."""
+    """PNG bytes made by `png_bytes` (here or on a remote worker), written as they are, atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:

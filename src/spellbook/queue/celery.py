@@ -171,19 +171,13 @@ def save_pngs(settings: Settings, job: Job, images: list[dict[str, str]]) -> lis
     """Write the PNG bytes a worker sent back (recipe chunks included, written by provenance there) to the one
     image path; the records come from the job's own recipe, so nothing is decoded here."""
     from spellbook.provenance import write_png_bytes
+    from spellbook.queue.worker import image_record
 
     recipe = job.recipe
     records = []
     for index, image in enumerate(images):
         path = write_png_bytes(base64.b64decode(image["png"]), settings.image_path(f"{job.id}-{index}.png"))
-        records.append(
-            {
-                "index": index,
-                "seed": recipe.for_image(index).image_seed,
-                "path": path.relative_to(settings.home).as_posix(),
-                "sha256": image["sha256"],
-            }
-        )
+        records.append(image_record(settings, index, recipe.for_image(index), path, image["sha256"]))
     return records
 
 

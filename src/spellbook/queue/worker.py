@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from PIL import Image
@@ -119,14 +120,13 @@ class Executor:
         return outcome
 
 
-def image_record(settings: Settings, result: Result, index: int) -> dict[str, Any]:
-    """How a job's result lists one written image."""
-    assert result.path is not None
+def image_record(settings: Settings, index: int, recipe: Recipe, path: Path, sha256: str) -> dict[str, Any]:
+    """How a job's result lists one written image (the embedded worker's and the Celery dispatcher's alike)."""
     return {
         "index": index,
-        "seed": result.recipe.image_seed,
-        "path": result.path.relative_to(settings.home).as_posix(),
-        "sha256": result.sha256,
+        "seed": recipe.image_seed,
+        "path": path.relative_to(settings.home).as_posix(),
+        "sha256": sha256,
     }
 
 
@@ -278,7 +278,7 @@ class EmbeddedWorker(BackgroundLoop):
                 continue  # cancelled while running
             settings = self.studio.settings
             written = write_job_results(settings, job, result)
-            records = [image_record(settings, r, i) for i, r in enumerate(written)]
+            records = [image_record(settings, i, r.recipe, r.path, r.sha256) for i, r in enumerate(written)]
             # Done as soon as the PNGs are durable; the gallery files them after (the outbox).
             if self.queue.complete(job.id, {"images": records, "batched_with": len(jobs)}) and self.filer:
                 self.filer.hand_over(job.id, written)
