@@ -155,8 +155,7 @@ class RateLimiter:
             return
         now = time.monotonic()
         with self.lock:
-            tokens, last = self.buckets.get(key, (self.capacity, now))
-            tokens = min(self.capacity, tokens + (now - last) * self.rate)
+            tokens = self._refilled(key, now)
             if tokens < 1:
                 self.buckets[key] = (tokens, now)
                 raise RateLimited(f"too many {self.what}: at most {int(self.capacity)} per minute; try again shortly")
@@ -168,8 +167,12 @@ class RateLimiter:
             return
         now = time.monotonic()
         with self.lock:
-            tokens, last = self.buckets.get(key, (self.capacity, now))
-            self.buckets[key] = (max(0.0, min(self.capacity, tokens + (now - last) * self.rate) - 1), now)
+            self.buckets[key] = (max(0.0, self._refilled(key, now) - 1), now)
+
+    def _refilled(self, key: str, now: float) -> float:
+        """The tokens in `key`'s bucket now (call with the lock held)."""
+        tokens, last = self.buckets.get(key, (self.capacity, now))
+        return min(self.capacity, tokens + (now - last) * self.rate)
 
 
 def decode_image(data: str, field: str, max_pixels: int) -> Image.Image:
