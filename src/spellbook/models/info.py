@@ -141,6 +141,11 @@ def _json(path: Path) -> dict[str, Any]:
         raise UserError(f"{path} is missing or not valid JSON: {exc}", field="model") from None
 
 
+def _native_size(unet: dict[str, Any], vae: dict[str, Any]) -> int:
+    """The image side a UNet was trained at: its latent sample size times the VAE's downscale factor."""
+    return int(unet.get("sample_size", 64)) * 2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1)
+
+
 def _scheduler_config(folder: Path) -> dict[str, Any]:
     files = sorted((folder / "scheduler").glob("*.json"))
     if not files:
@@ -168,7 +173,7 @@ def read_folder_info(entry: ModelEntry, sha256: str) -> ModelInfo:
     vae = _json(path / "vae" / "config.json")
     text = _json(path / "text_encoder" / "config.json")
     declared = _json(path / DEFAULTS_FILE) if (path / DEFAULTS_FILE).is_file() else {}
-    native = int(unet.get("sample_size", 64)) * 2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1)
+    native = _native_size(unet, vae)
     width = int(text.get("hidden_size", 768))
     return ModelInfo(
         name=entry.name,
@@ -190,14 +195,19 @@ def read_single_file_info(entry: ModelEntry, sha256: str) -> ModelInfo:
     header = safetensors_header(entry.path)
     keys = [k for k in header if k != "__metadata__"]
     family = detect_family(keys)
-    config_dir = CONFIGS_DIR / family
     first_conv = header.get(UNET_PREFIX + "input_blocks.0.0.weight", {})
     shape = first_conv.get("shape") if isinstance(first_conv, dict) else None
     in_channels = int(shape[1]) if isinstance(shape, list) and len(shape) == 4 else 4
+    return bundled_family_info(entry, sha256, family, in_channels)
+
+
+def bundled_family_info(entry: ModelEntry, sha256: str, family: str, in_channels: int = 4) -> ModelInfo:
+    """A checkpoint without configs of its own, described by the configs shipped for its family."""
+    config_dir = CONFIGS_DIR / family
     unet = _json(config_dir / "unet" / "config.json")
     vae = _json(config_dir / "vae" / "config.json")
     text = _json(config_dir / "text_encoder" / "config.json")
-    native = int(unet.get("sample_size", 64)) * 2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1)
+    native = _native_size(unet, vae)
     return ModelInfo(
         name=entry.name,
         sha256=sha256,
@@ -253,21 +263,7 @@ class ModelCatalog:
                 load_pickled_state_dict(entry.path, allow_pickle=False)  # raises Refused with the explanation
             # A pickle's tensor names cannot be read without unpickling it; its family is SD 1.x unless the
             # worker, which loads it (scanned, weights only), finds otherwise.
-            sha256 = self.registry.sha256(entry)
-            config_dir = CONFIGS_DIR / "sd-v1"
-            unet = _json(config_dir / "unet" / "config.json")
-            native = int(unet.get("sample_size", 64)) * 8
-            return ModelInfo(
-                entry.name,
-                sha256,
-                entry.format,
-                "sd-v1",
-                768,
-                4,
-                native,
-                recipe_defaults(native),
-                _scheduler_config(config_dir),
-            )
+            return bundled_family_info(entry, self.registry.sha256(entry), "sd-v1")
         sha256 = self.registry.sha256(entry)
         key = f"{sha256}:{entry.name}"
         with self._lock:
