@@ -147,6 +147,43 @@ def test_migrates_from_version_1_keeping_users_and_jobs(tmp_path):
     db.close()
 
 
+def test_migrating_to_one_picture_per_owner_keeps_rows_links_search_and_ids(tmp_path):
+    """Version 3 kept one row per picture for everyone; version 4 one per owner, keeping every row, its FTS entry,
+    its embedding, its parent link, and the id high-water mark (an id is never reused)."""
+    path = tmp_path / "spellbook.db"
+    conn = connect(path)
+    assert migrate(conn, to=3) == 3
+    conn.execute("INSERT INTO users (name, role) VALUES ('alice', 'user'), ('bob', 'user')")
+    for n in (1, 2, 3):
+        conn.execute(
+            "INSERT INTO images (path, sha256, width, height, owner, prompt, parent_id) VALUES (?, ?, 8, 8, 1, ?, ?)",
+            (f"{n}.png", f"pixels{n}", f"a cobalt word{n}", 1 if n == 2 else None),
+        )
+    conn.execute("INSERT INTO image_embeddings (image_id, model, code, vector) VALUES (2, 'm', x'00', x'00')")
+    conn.execute("DELETE FROM images WHERE id = 3")
+    conn.close()
+
+    db = Database(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == len(migrations())
+    assert [tuple(r) for r in db.execute("SELECT id, parent_id FROM images ORDER BY id")] == [(1, None), (2, 1)]
+    assert db.execute("SELECT image_id FROM image_embeddings").fetchone()[0] == 2
+    assert db.execute("SELECT rowid FROM images_fts WHERE images_fts MATCH 'word2'").fetchone()[0] == 2
+    with db.transaction() as c:  # Bob may now hold the same pixels as Alice; Alice may not hold them twice
+        bob = c.execute("INSERT INTO images (path, sha256, width, height, owner) VALUES ('b.png', 'pixels1', 8, 8, 2)")
+        assert bob.lastrowid == 4  # not 3: deleted before the migration, never reused
+    for owner in (1, None):  # NULL, the local user, is one owner too
+        with pytest.raises(sqlite3.IntegrityError), db.transaction() as c:
+            for copy in ("first", "second"):
+                c.execute(
+                    "INSERT INTO images (path, sha256, width, height, owner) VALUES (?, 'pixels9', 8, 8, ?)",
+                    (f"{copy}-{owner}.png", owner),
+                )
+    with db.transaction() as c:  # deleting an image still cascades to its embedding and unlinks its children
+        c.execute("DELETE FROM images WHERE id = 1")
+    assert db.execute("SELECT parent_id FROM images WHERE id = 2").fetchone()[0] is None
+    db.close()
+
+
 def test_vectors_are_sqlite_vec_blobs_and_the_fallback_agrees(db, filled):
     row = db.execute("SELECT vector FROM image_embeddings LIMIT 1").fetchone()
     other = db.execute("SELECT vector FROM image_embeddings ORDER BY id DESC LIMIT 1").fetchone()

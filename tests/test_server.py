@@ -313,3 +313,30 @@ def test_a1111_requests_without_a_size_get_the_models_native_size(make_client):
     assert response.status_code == 200, response.text
     info = json.loads(response.json()["info"])
     assert (info["width"], info["height"]) == (16, 16)  # the tiny model's own size, not A1111's 512
+
+
+def test_the_same_picture_from_two_owners_is_in_both_galleries(make_client, home):
+    """Alice (private) and then Bob make the same pixels: each has their own image, and Bob learns nothing."""
+    from spellbook.store.accounts import Accounts
+    from spellbook.store.db import Database
+
+    accounts = Accounts(Database(Settings.from_env().db_path))
+    headers = {}
+    for name in ("alice", "bob"):
+        accounts.add_user(name)
+        accounts.grant(name, 20)
+        headers[name] = {"authorization": f"Bearer {accounts.create_token(name)}"}
+    client, _ = make_client(auth="on")
+    body = {"prompt": "a plum triangle", "steps": 2, "seed": 77}
+    filed = {}
+    for name in ("alice", "bob"):
+        job = client.post("/api/v1/jobs", json=body, headers=headers[name]).json()
+        filed[name] = wait_filed(client, job["id"], headers=headers[name])["result"]["images"][0]
+    assert filed["alice"]["sha256"] == filed["bob"]["sha256"]  # the same pixels...
+    assert filed["alice"]["image_id"] != filed["bob"]["image_id"]  # ...each in its owner's gallery
+    for name in ("alice", "bob"):
+        image_id = filed[name]["image_id"]
+        assert client.get(f"/api/v1/gallery/images/{image_id}", headers=headers[name]).json()["yours"] is True
+        found = client.get("/api/v1/gallery/search", params={"q": "plum", "mode": "words"}, headers=headers[name])
+        assert [image["id"] for image in found.json()["images"]] == [image_id]
+    assert client.get(f"/api/v1/gallery/images/{filed['alice']['image_id']}", headers=headers["bob"]).status_code == 404

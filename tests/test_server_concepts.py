@@ -111,7 +111,12 @@ def test_an_uploaded_concept_is_listed_downloadable_in_both_layouts_usable_and_r
 
     # A prompt naming it records it in the job's recipe, by name and hash.
     job = client.post("/api/v1/jobs", json={"prompt": "a <charlie> on the left"}).json()
-    assert job["recipe"]["concepts"] == [{"name": "charlie", "sha256": concept["sha256"]}]
+    assert job["recipe"]["concepts"] == [{"name": "charlie", "sha256": concept["sha256"], "bare_word": False}]
+    # Uploaded over the API, only the bracketed form means it; its owner can give it the plain word.
+    assert client.post("/api/v1/jobs", json={"prompt": "a charlie"}).json()["recipe"]["concepts"] == []
+    assert client.patch("/api/v1/concepts/charlie", json={"bare_word": True}).json()["bare_word"] is True
+    plain = client.post("/api/v1/jobs", json={"prompt": "a charlie"}).json()["recipe"]["concepts"]
+    assert plain == [{"name": "charlie", "sha256": concept["sha256"]}]
 
     assert client.delete("/api/v1/concepts/charlie").status_code == 204
     missing = client.get("/api/v1/concepts/charlie")
@@ -162,7 +167,7 @@ def test_names_are_confined_to_the_library(make_client, home):
     # The uploaded file's own name counts only by its last part.
     response = upload(client, concept_file(), "../../evil.safetensors")
     assert response.status_code == 201 and response.json()["name"] == "evil"
-    assert sorted(p.name for p in (home / "concepts").iterdir()) == ["evil.safetensors"]
+    assert sorted(p.name for p in (home / "concepts").iterdir()) == ["evil.json", "evil.safetensors"]
     assert not (home / "evil.safetensors").exists()
     for path in ("..%2F..%2Fspellbook.db", "..%2Fconcepts%2Fevil", "%2Fetc%2Fpasswd"):
         response = client.get(f"/api/v1/concepts/{path}/file")
@@ -198,16 +203,57 @@ def test_a_concept_for_another_text_encoder_width_is_reported_with_both_widths(m
     assert listed["skipped"]["wide"]["shape"] == 768 and "wide" not in listed["loaded"]
 
 
-def test_with_auth_on_users_upload_and_only_admins_delete(make_client):
-    _, tokens = users("root", "alice", admin=("root",))
-    client, _ = make_client(start_worker=False, auth="on")
+def test_a_users_concepts_are_theirs_and_never_change_another_users_words(make_client, home):
+    """Alice uploads `circle` and a too-wide `square`: Bob's prompts mean what they meant (same pixels), Bob cannot
+    see, fetch or delete them and may have his own `circle`; the shared library is the admin's."""
+    _, tokens = users("root", "alice", "bob", admin=("root",))
+    alice, bob, root = tokens["alice"], tokens["bob"], tokens["root"]
+    client, _ = make_client(auth="on")
     assert client.get("/api/v1/concepts").status_code == 401
     assert upload(client, concept_file()).status_code == 401
-    assert upload(client, concept_file(), headers=tokens["alice"]).status_code == 201
-    forbidden = client.delete("/api/v1/concepts/charlie", headers=tokens["alice"])
+
+    def made(prompt, headers):
+        job = client.post("/api/v1/jobs", json={"prompt": prompt, "steps": 2, "seed": 5}, headers=headers)
+        assert job.status_code == 202, job.text
+        done = wait_done(client, job.json()["id"], headers=headers)
+        return done["recipe"]["concepts"], done["result"]["images"][0]["sha256"]
+
+    before = made("a red circle", bob)
+    mine = upload(client, concept_file("circle", seed=1), "circle.safetensors", headers=alice)
+    assert mine.status_code == 201, mine.text
+    assert (mine.json()["scope"], mine.json()["bare_word"], mine.json()["yours"]) == ("own", False, True)
+    assert upload(client, concept_file("square", width=768), "square.safetensors", headers=alice).status_code == 201
+    assert made("a red circle", bob) == before  # Bob's words are untouched...
+    assert made("a red square", bob)[0] == []  # ...and his squares still draw
+    assert made("a red circle", alice)[0] == []  # Alice's own plain word too, until she opts in
+    assert made("a red <circle>", alice)[0] == [{"name": "circle", "sha256": mine.json()["sha256"], "bare_word": False}]
+    wide = client.post("/api/v1/jobs", json={"prompt": "a <square>"}, headers=alice)
+    assert wide.status_code == 400 and "768" in wide.text
+    assert client.patch("/api/v1/concepts/circle", json={"bare_word": True}, headers=alice).status_code == 200
+    assert made("a red circle", alice)[0][0]["name"] == "circle"
+    assert made("a red circle", bob) == before
+
+    # Bob sees none of it, and may have his own `circle`.
+    assert client.get("/api/v1/concepts", headers=bob).json() == {"concepts": []}
+    for method, url in (("GET", "/api/v1/concepts/circle"), ("GET", "/api/v1/concepts/circle/file"),
+                        ("DELETE", "/api/v1/concepts/circle")):  # fmt: skip
+        assert client.request(method, url, headers=bob).status_code == 404, (method, url)
+    assert "circle" not in client.get("/sdapi/v1/embeddings", headers=bob).json()["loaded"]
+    his = upload(client, concept_file("circle", seed=2), "circle.safetensors", headers=bob)
+    assert his.status_code == 201 and his.json()["sha256"] != mine.json()["sha256"]
+    assert made("a <circle>", bob)[0][0]["sha256"] == his.json()["sha256"]
+
+    # The shared library is the admin's: everyone uses it, only an admin changes it; a user's name may not
+    # shadow a shared one, and each user deletes their own.
+    shared = upload(client, concept_file("otter", seed=3), "otter.safetensors", headers=root)
+    assert shared.status_code == 201 and (home / "concepts" / "otter.safetensors").is_file()
+    assert made("an <otter>", bob)[0][0]["sha256"] == shared.json()["sha256"]
+    assert upload(client, concept_file("otter"), "otter.safetensors", headers=alice).status_code == 409
+    forbidden = client.delete("/api/v1/concepts/otter", headers=alice)
     assert forbidden.status_code == 403 and forbidden.json()["error"]["code"] == "forbidden"
-    assert client.delete("/api/v1/concepts/charlie", headers=tokens["root"]).status_code == 204
-    assert client.get("/api/v1/concepts", headers=tokens["alice"]).json() == {"concepts": []}
+    assert client.delete("/api/v1/concepts/circle", headers=alice).status_code == 204
+    assert client.get("/api/v1/concepts/circle", headers=bob).json()["sha256"] == his.json()["sha256"]
+    assert client.delete("/api/v1/concepts/otter", headers=root).status_code == 204
 
 
 # --- training as a job -----------------------------------------------------------------------------------------

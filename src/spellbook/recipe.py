@@ -121,6 +121,21 @@ class ModelRef:
 class ConceptRef:
     name: str
     sha256: str
+    # True: the bare word `name` in a prompt means the concept, as A1111 does for files in its embeddings
+    # folder; False: only `<name>` does (a concept uploaded over the API never takes a plain word by default).
+    bare_word: bool = True
+
+    @property
+    def key(self) -> str:
+        """How the engine is given it: `name`, or `<name>` when only the bracketed form means the concept."""
+        return self.name if self.bare_word else f"<{self.name}>"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Only a bracket-only concept records `bare_word` (so every earlier recipe reads and writes as before)."""
+        data: dict[str, Any] = {"name": self.name, "sha256": self.sha256}
+        if not self.bare_word:
+            data["bare_word"] = False
+        return data
 
     @property
     def short_hash(self) -> str:
@@ -194,7 +209,7 @@ class Recipe:
     # ------------------------------------------------------------------------------------------ JSON
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        data["concepts"] = [asdict(c) for c in self.concepts]
+        data["concepts"] = [c.to_dict() for c in self.concepts]
         return data
 
     def to_json(self) -> str:

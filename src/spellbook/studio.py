@@ -77,8 +77,11 @@ class Studio:
         self._vae_paths[ref.sha256] = path
         return ref
 
-    def plan(self, request: ImageRequest | Mapping[str, Any], *, allow_paths: bool = True) -> Recipe:
-        """Validate a request and resolve everything it names, without loading any weights; nothing runs yet."""
+    def plan(
+        self, request: ImageRequest | Mapping[str, Any], *, allow_paths: bool = True, concepts_of: int | None = None
+    ) -> Recipe:
+        """Validate a request and resolve everything it names, without loading any weights; nothing runs yet.
+        Concepts are the shared library's, plus user `concepts_of`'s own (a server passes the caller's id)."""
         if not isinstance(request, ImageRequest):
             request = ImageRequest.from_dict(request)
         # 1. The model and VAE, by metadata.
@@ -101,7 +104,7 @@ class Studio:
                 check_mask_size(image, request.mask)
                 mask_ref = self._store_input(request.mask, request.mask_path)
         # 3. Concepts: the library's names that the prompts mention, recorded with their file hashes.
-        concepts, vectors = self.concepts.resolve(request.prompt, request.negative_prompt)
+        concepts, vectors = self.concepts.for_owner(concepts_of).resolve(request.prompt, request.negative_prompt)
         check_concept_widths(vectors, info.text_width, info.name)
         recipe = make_recipe(
             request,

@@ -172,7 +172,7 @@ def _concepts(components: Components, recipe: Recipe, inputs: GenerationInputs) 
     missing = [c.name for c in recipe.concepts if c.name not in inputs.concepts]
     if missing:
         raise UserError(f"the recipe uses concept {missing[0]!r}, but its vectors were not given", field="concepts")
-    concepts = {c.name: inputs.concepts[c.name] for c in recipe.concepts}
+    concepts = {c.key: inputs.concepts[c.name] for c in recipe.concepts}  # `<name>` when bracket-only
     check_concepts(concepts, components.text_encoder, components.ref.name)
     return concepts
 

@@ -109,19 +109,27 @@ FAMILY_BY_WIDTH = {768: "SD 1.x", 1024: "SD 2.x", 1280: "SDXL", 64: "the shapes 
 
 def concept_pattern(names: list[str] | tuple[str, ...]) -> re.Pattern | None:
     """Matches a concept's name in a prompt, `<name>` or `name` as a whole word (case-insensitive, as CLIP's
-    tokenizer lowercases); longer names first, so `cat-toy` wins over `cat`."""
+    tokenizer lowercases); longer names first, so `cat-toy` wins over `cat`. A name given as `<name>` matches
+    only in brackets (a concept whose owner did not give it the bare word)."""
     if not names:
         return None
-    alternatives = "|".join(re.escape(name) for name in sorted(set(names), key=len, reverse=True))
-    return re.compile(rf"<(?:{alternatives})>|(?<![\w-])(?:{alternatives})(?![\w-])", re.IGNORECASE)
+
+    def alternatives(words) -> str:
+        return "|".join(re.escape(word) for word in sorted(set(words), key=len, reverse=True))
+
+    pattern = rf"<(?:{alternatives(name.strip('<>') for name in names)})>"
+    bare = [name for name in names if not name.startswith("<")]
+    if bare:
+        pattern += rf"|(?<![\w-])(?:{alternatives(bare)})(?![\w-])"
+    return re.compile(pattern, re.IGNORECASE)
 
 
 def concepts_in(text: str, names: list[str] | tuple[str, ...]) -> list[str]:
-    """The names (as given) that `text` mentions, in order of first mention."""
+    """The names (as given, `<name>` for a bracket-only one) that `text` mentions, in order of first mention."""
     pattern = concept_pattern(names)
     if pattern is None:
         return []
-    by_key = {name.lower(): name for name in names}
+    by_key = {name.strip("<>").lower(): name for name in names}
     found: list[str] = []
     for match in pattern.finditer(text):
         name = by_key[match.group(0).strip("<>").lower()]
@@ -145,7 +153,7 @@ class ConceptTokens:
         token_ids, rows, next_id = {}, [], vocab_size
         for name, vectors in concepts.items():
             vectors = vectors.reshape(-1, vectors.shape[-1])
-            token_ids[name.lower()] = list(range(next_id, next_id + len(vectors)))
+            token_ids[name.strip("<>").lower()] = list(range(next_id, next_id + len(vectors)))
             rows.append(vectors)
             next_id += len(vectors)
         return cls(token_ids, torch.cat(rows), concept_pattern(list(concepts)))

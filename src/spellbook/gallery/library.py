@@ -1,8 +1,8 @@
 """Keeping images: add (from the studio or a file), import a folder, show, remix, remove, publish, feed, export.
 
 Files live under SPELLBOOK_HOME/images/YYYY/MM/DD/, copied byte for byte (their recipe chunks included);
-the row keeps the path relative to the home, so a home can be moved. One picture is kept once: the sha256
-of its decoded pixels is unique, and adding it again returns the row it already has.
+the row keeps the path relative to the home, so a home can be moved. One picture is kept once per owner: the
+sha256 of its decoded pixels is unique for each owner, and adding it again returns the row that owner has.
 """
 
 from __future__ import annotations
@@ -38,6 +38,9 @@ if TYPE_CHECKING:
     from spellbook.recipe import Recipe
 
 VISIBILITIES = ("private", "public")
+# One picture is kept once per owner (`owner IS ?` matches NULL, the local user, too): two users who make the
+# same pixels each get their own row, and neither learns from an id that the other made it.
+_SAME_PICTURE = "SELECT id FROM images WHERE sha256 = ? AND owner IS ?"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 _EMBED_BATCH = 64
 
@@ -138,7 +141,7 @@ def _store(
     existing = {
         p.sha256: row[0]
         for p in pending
-        if (row := db.execute("SELECT id FROM images WHERE sha256 = ?", (p.sha256,)).fetchone())
+        if (row := db.execute(_SAME_PICTURE, (p.sha256, owner)).fetchone())
     }
     first_of: dict[str, _Pending] = {}
     for p in pending:
@@ -163,7 +166,7 @@ def _store(
         with db.transaction() as conn:
             for p in new:
                 # Another writer may have filed the same picture since the check above.
-                row = conn.execute("SELECT id FROM images WHERE sha256 = ?", (p.sha256,)).fetchone()
+                row = conn.execute(_SAME_PICTURE, (p.sha256, owner)).fetchone()
                 if row is not None:
                     ids[p.sha256] = row[0]
                     first_of.pop(p.sha256)
@@ -172,14 +175,15 @@ def _store(
                 if target is None:
                     suffix = p.source_file.suffix.lower()
                     suffix = suffix if suffix in IMAGE_SUFFIXES else ".png"
+                    mine = "" if owner is None else f"-u{owner}"  # two owners' copies of one file
                     target = settings.image_path(
-                        f"{p.seed if p.seed is not None else 'x'}-{p.sha256[:16]}{suffix}", now
+                        f"{p.seed if p.seed is not None else 'x'}-{p.sha256[:16]}{mine}{suffix}", now
                     )
                     _link_or_copy(p.source_file, target)
                     written.append(target)
                 parent = None
                 if p.parent_sha256:
-                    row = conn.execute("SELECT id FROM images WHERE sha256 = ?", (p.parent_sha256,)).fetchone()
+                    row = conn.execute(_SAME_PICTURE, (p.parent_sha256, owner)).fetchone()
                     parent = row[0] if row else None
                 cursor = conn.execute(
                     "INSERT INTO images (path, sha256, recipe, prompt, negative_prompt, model, sampler, seed, "

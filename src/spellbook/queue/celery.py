@@ -300,9 +300,12 @@ class Dispatcher(BackgroundLoop):
         from spellbook.errors import SpellbookError
         from spellbook.queue.training import TrainedConcept, job_result, store_trained
 
+        from spellbook.queue.training import ConceptJobSpec
+
         trained = TrainedConcept.from_payload(payload)
+        spec = ConceptJobSpec.from_dict(self.queue.get(job_id).request["concept"])
         try:
-            info = store_trained(ConceptLibrary(self.settings), trained)
+            info = store_trained(ConceptLibrary(self.settings), trained, spec)
         except SpellbookError as exc:  # the name was taken meanwhile
             self.queue.fail(job_id, exc.to_dict()["error"])
             return

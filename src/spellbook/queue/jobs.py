@@ -110,7 +110,7 @@ def batch_key(recipe: Recipe) -> str:
         [
             recipe.model.sha256 or recipe.model.name,
             recipe.vae.sha256 if recipe.vae else None,
-            [c.sha256 for c in recipe.concepts],
+            [c.to_dict() for c in recipe.concepts],
             recipe.sampler,
             recipe.schedule,
             recipe.steps,

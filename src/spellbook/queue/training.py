@@ -42,6 +42,8 @@ class ConceptJobSpec:
     seed: int
     batch_size: int | None
     pictures: tuple[str, ...]  # sha256 of each picture's pixels: SPELLBOOK_HOME/inputs/<sha256>.png
+    scope: int | None = None  # whose library it joins: a user's own (their id), or the shared one (None)
+    bare_word: bool = False  # whether the plain word means it too, or only `<name>`
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -152,13 +154,16 @@ def run_concept_job(
     )
 
 
-def store_trained(library: ConceptLibrary, trained: TrainedConcept) -> ConceptInfo:
-    """Put a trained concept into the library byte for byte (its hash is the one the worker computed); a name
-    taken meanwhile is a Conflict."""
+def store_trained(library: ConceptLibrary, trained: TrainedConcept, spec: ConceptJobSpec) -> ConceptInfo:
+    """Put a trained concept into the library the job named (the shared one, or its owner's own) byte for byte
+    (its hash is the one the worker computed); a name taken meanwhile is a Conflict."""
+    from spellbook.concepts.library import upload_meta
+
+    library = library.for_owner(spec.scope)
     with tempfile.TemporaryDirectory(prefix="spellbook-trained-") as folder:
         path = Path(folder) / f"{trained.name}.safetensors"
         path.write_bytes(trained.data)
-        info = library.import_file(path, trained.name)
+        info = library.import_file(path, trained.name, meta=upload_meta(spec.bare_word))
     if trained.sample:
         library.sample_path(trained.name).write_bytes(trained.sample)
         info = library.info(trained.name)

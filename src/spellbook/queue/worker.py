@@ -313,7 +313,7 @@ class EmbeddedWorker(BackgroundLoop):
                 try:
                     pictures = [self.studio.load_input(InputRef(digest, ""), "images") for digest in spec.pictures]
                     trained = run_concept_job(self.studio, spec, pictures, scratch, progress=on_step)
-                    info = store_trained(self.studio.concepts, trained) if self.queue.is_active(job.id) else None
+                    info = store_trained(self.studio.concepts, trained, spec) if self.queue.is_active(job.id) else None
                 except Cancelled:
                     return  # the cancel recorded the state and the refund
                 except SpellbookError as exc:

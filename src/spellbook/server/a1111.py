@@ -275,14 +275,14 @@ def scripts(_who: Caller) -> dict[str, list]:
 
 
 @router.get("/embeddings")
-def embeddings(request: Request, _who: Caller) -> dict[str, Any]:
+def embeddings(request: Request, who: Caller) -> dict[str, Any]:
     """The concept library in A1111's shape: `loaded` are the concepts the default model can use (their width
     matches its text encoder), `skipped` the others (made for another model family, or unreadable)."""
     services = services_of(request)
     width = _text_width(services)
     loaded: dict[str, Any] = {}
     skipped: dict[str, Any] = {}
-    for info in services.studio.concepts.list():
+    for info in services.studio.concepts.for_owner(who.concepts_of).list():
         step = info.metadata.get("step")
         entry = {
             "step": int(step) if step and step.isdigit() else None,

@@ -1,6 +1,10 @@
 """/api/v1/concepts: the textual-inversion concepts library over HTTP: list, show, download (A1111 or
-diffusers layout), upload (safetensors only: the server never unpickles), delete (admin), and training from
-uploaded pictures as a queued job (kind `concept`) with SSE progress at /api/v1/jobs/{id}/events."""
+diffusers layout), upload (safetensors only: the server never unpickles), delete, and training from
+uploaded pictures as a queued job (kind `concept`) with SSE progress at /api/v1/jobs/{id}/events.
+
+Each caller sees the shared library plus their own concepts (see concepts.library): what a user uploads or
+trains is theirs alone, and means something only as `<name>` unless they give it the bare word; an admin (or
+the local user when auth is off) keeps the shared library."""
 
 from __future__ import annotations
 
@@ -9,13 +13,14 @@ from urllib.parse import quote
 
 from fastapi import APIRouter, File, Form, Path, Query, Request, Response, UploadFile
 from fastapi.responses import FileResponse
+from pydantic import BaseModel, ConfigDict, Field
 
 from spellbook.concepts.formats import DIFFUSERS, concept_bytes
-from spellbook.concepts.library import ConceptInfo, check_concept_name
+from spellbook.concepts.library import ConceptInfo, ConceptLibrary, check_concept_name
 from spellbook.errors import Forbidden, NotFound, TooLarge, UserError
 from spellbook.queue.training import CONCEPT_KIND, MAX_PICTURES, MAX_TRAIN_STEPS, ConceptJobSpec, training_cost
 from spellbook.server.app import Caller, services_of
-from spellbook.server.security import decode_image_bytes
+from spellbook.server.security import Principal, decode_image_bytes
 
 router = APIRouter(prefix="/api/v1/concepts", tags=["concepts"])
 ConceptName = Annotated[
@@ -26,9 +31,11 @@ UPLOAD_MAX_BYTES = 1 << 20
 SAFETENSORS = "application/octet-stream"
 
 
-def view(info: ConceptInfo) -> dict[str, Any]:
-    """What `spellbook concept info` shows, with URLs on this server in place of file paths."""
+def view(info: ConceptInfo, library: ConceptLibrary) -> dict[str, Any]:
+    """What `spellbook concept info` shows, with URLs on this server in place of file paths; `yours`: the
+    caller may change or delete it (their own concept; for an admin, the shared library)."""
     data = info.to_dict()
+    data["yours"] = library.is_own(info.path)
     data.pop("path", None)
     data["size_bytes"] = data.pop("size")
     base = f"/api/v1/concepts/{quote(info.name)}"
@@ -38,14 +45,34 @@ def view(info: ConceptInfo) -> dict[str, Any]:
 
 
 @router.get("")
-def list_concepts(request: Request, _who: Caller) -> dict[str, Any]:
-    """Every concept in the library (a file that cannot be read is listed with a `note`)."""
-    return {"concepts": [view(info) for info in services_of(request).studio.concepts.list()]}
+def list_concepts(request: Request, who: Caller) -> dict[str, Any]:
+    """The concepts the caller's prompts can use: the shared library and their own (`scope`); a file that
+    cannot be read is listed with a `note`."""
+    library = library_of(request, who)
+    return {"concepts": [view(info, library) for info in library.list()]}
+
+
+def library_of(request: Request, who: Principal) -> ConceptLibrary:
+    return services_of(request).studio.concepts.for_owner(who.concepts_of)
 
 
 @router.get("/{name}")
-def show_concept(name: ConceptName, request: Request, _who: Caller) -> dict[str, Any]:
-    return view(services_of(request).studio.concepts.info(name))
+def show_concept(name: ConceptName, request: Request, who: Caller) -> dict[str, Any]:
+    library = library_of(request, who)
+    return view(library.info(name), library)
+
+
+class ConceptChange(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    bare_word: bool = Field(description="true: the plain word means the concept too, not only <name>")
+
+
+@router.patch("/{name}")
+def change_concept(name: ConceptName, change: ConceptChange, request: Request, who: Caller) -> dict[str, Any]:
+    """Change one of your concepts (an admin: one in the shared library): whether the bare word means it."""
+    library = library_of(request, who)
+    return view(library.set_meta(name, bare_word=change.bare_word), library)
 
 
 @router.get(
@@ -56,14 +83,14 @@ def show_concept(name: ConceptName, request: Request, _who: Caller) -> dict[str,
 def concept_file(
     name: ConceptName,
     request: Request,
-    _who: Caller,
+    who: Caller,
     fmt: Annotated[
         Literal["a1111", "diffusers"] | None,
         Query(alias="format", description="a1111: {'emb_params': …}; diffusers: {'<name>': …}; unset: as stored"),
     ] = None,
 ) -> Response:
     """The concept's .safetensors file: as stored (its hash is the TI hash), or rewritten for A1111 or diffusers."""
-    library = services_of(request).studio.concepts
+    library = library_of(request, who)
     path = library.path_of(name)
     bare = path.stem
     if fmt is None and path.suffix.lower() == ".safetensors":
@@ -79,9 +106,9 @@ def concept_file(
 
 
 @router.get("/{name}/sample", response_class=FileResponse, responses={200: {"content": {"image/png": {}}}})
-def concept_sample(name: ConceptName, request: Request, _who: Caller):
+def concept_sample(name: ConceptName, request: Request, who: Caller):
     """The sample grid made after training ("a <name>", four seeds)."""
-    info = services_of(request).studio.concepts.info(name)
+    info = library_of(request, who).info(name)
     if info.sample is None:
         raise NotFound(f"concept {info.name!r} has no sample image", field="name")
     return FileResponse(info.sample, media_type="image/png")
@@ -96,9 +123,10 @@ def upload_concept(
     model: Annotated[
         str | None, Form(max_length=200, description="refuse the concept unless it fits this model's text encoder")
     ] = None,
+    bare_word: Annotated[bool, Form(description="the plain word means it too (default: only <name>)")] = False,
 ) -> dict[str, Any]:
-    """Add a concept file to the library. Safetensors only: a pickle (.pt, .bin, or such bytes under another
-    name) is refused unread."""
+    """Add a concept file: to your own concepts (an admin's: to the shared library). Safetensors only: a pickle
+    (.pt, .bin, or such bytes under another name) is refused unread."""
     services = services_of(request)
     data = file.file.read(UPLOAD_MAX_BYTES + 1)
     if len(data) > UPLOAD_MAX_BYTES:
@@ -118,17 +146,18 @@ def upload_concept(
             except UserError as error:
                 raise UserError(error.message, field="file", hint=error.hint) from None
 
-    info = services.studio.concepts.import_bytes(data, file.filename or "", name or None, check=check)
-    return view(info)
+    library = library_of(request, who)
+    info = library.import_bytes(data, file.filename or "", name or None, check=check, bare_word=bare_word, uploader=who.name)
+    return view(info, library)
 
 
 @router.delete("/{name}", status_code=204, response_class=Response)
 def delete_concept(name: ConceptName, request: Request, who: Caller) -> Response:
-    """Remove a concept (and its sample) from the library; admins only when auth is on."""
-    services = services_of(request)
-    if services.auth and not who.admin:
-        raise Forbidden("only an admin can remove concepts", field="name")
-    services.studio.concepts.remove(name)
+    """Remove one of your concepts (and its sample); only an admin removes from the shared library."""
+    library = library_of(request, who)
+    if not library.is_own(library.path_of(name)):
+        raise Forbidden("only an admin can remove concepts from the shared library", field="name")
+    library.remove(name)
     return Response(status_code=204)
 
 
@@ -144,6 +173,7 @@ def train(
     seed: Annotated[int, Form(ge=0, le=2**32 - 1)] = 0,
     batch_size: Annotated[int | None, Form(ge=1, le=64, description="pictures per step (default 8)")] = None,
     model: Annotated[str | None, Form(max_length=200, description="default: the server's default model")] = None,
+    bare_word: Annotated[bool, Form(description="the plain word means it too (default: only <name>)")] = False,
 ) -> dict[str, Any]:
     """Queue the training of a new concept from pictures: a job of kind `concept`, paid in credits by its steps
     (a step counts as three generation steps of its batch), with progress at /api/v1/jobs/{id}/events."""
@@ -155,7 +185,7 @@ def train(
     studio = services.studio
     # 1. Everything that can fail is checked now, not minutes into the queue.
     bare = check_concept_name(name)
-    studio.concepts.check_free(bare, overwrite=False)
+    library_of(request, who).check_free(bare, overwrite=False)
     if not 1 <= len(images) <= MAX_PICTURES:
         raise UserError(f"{len(images)} pictures sent; send 1 to {MAX_PICTURES}", field="images")
     info = studio.model_info(model or services.default_model, allow_paths=False)  # metadata only: no weights
@@ -178,6 +208,8 @@ def train(
         seed=seed,
         batch_size=batch_size,
         pictures=tuple(pictures),
+        scope=who.concepts_of,
+        bare_word=bare_word,
     )
     cost = training_cost(steps, config.batch_size, info.native_size)
     job = services.queue.submit_task(CONCEPT_KIND, {"concept": spec.to_dict()}, owner=who.id, cost=cost)

@@ -62,7 +62,7 @@ def submit(services: Services, who: Principal, request: ImageRequest) -> Job:
     services.limiter.check(who.name)
     if request.model is None:
         request = request.with_(model=services.default_model)
-    recipe = services.studio.plan(request, allow_paths=False)
+    recipe = services.studio.plan(request, allow_paths=False, concepts_of=who.concepts_of)
     job = services.queue.submit(recipe, owner=who.id)
     services.wake()
     return job

@@ -62,6 +62,12 @@ class Principal:
     def name(self) -> str:
         return self.user.name if self.user else "local"
 
+    @property
+    def concepts_of(self) -> int | None:
+        """Whose concepts this caller's prompts see beside the shared library: their own (a user), none (an
+        admin or the local user, who keep the shared library itself)."""
+        return None if self.admin else self.id
+
 
 LOCAL = Principal(None)
 

@@ -53,20 +53,32 @@ def connect(path: Path | str, *, readonly: bool = False) -> sqlite3.Connection:
 def migrate(conn: sqlite3.Connection, *, to: int | None = None) -> int:
     """Apply the migrations the database lacks (up to `to`, default all); returns the schema version."""
     version = conn.execute("PRAGMA user_version").fetchone()[0]
-    for number, name, sql in migrations():
-        if number <= version or (to is not None and number > to):
-            continue
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            # executescript would commit the open transaction first; run the statements one by one instead.
-            for statement in split_statements(sql):
-                conn.execute(statement)
-            conn.execute(f"PRAGMA user_version={number}")
-            conn.execute("COMMIT")
-        except Exception as exc:
-            conn.execute("ROLLBACK")
-            raise RuntimeError(f"store migration {name} failed: {exc}") from exc
-        version = number
+    pending = [m for m in migrations() if m[0] > version and (to is None or m[0] <= to)]
+    if not pending:
+        return version
+    # Foreign keys are off while migrations run (the pragma is a no-op inside a transaction, so it is set
+    # before): a table rebuilt the way SQLite's ALTER TABLE page describes must not cascade its DROP into the
+    # tables that reference it. Each migration checks them before it commits.
+    foreign_keys = conn.execute("PRAGMA foreign_keys").fetchone()[0]
+    conn.execute("PRAGMA foreign_keys=OFF")
+    try:
+        for number, name, sql in pending:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                # executescript would commit the open transaction first; run the statements one by one instead.
+                for statement in split_statements(sql):
+                    conn.execute(statement)
+                broken = conn.execute("PRAGMA foreign_key_check").fetchall()
+                if broken:
+                    raise RuntimeError(f"{len(broken)} rows would break foreign keys, e.g. {tuple(broken[0])}")
+                conn.execute(f"PRAGMA user_version={number}")
+                conn.execute("COMMIT")
+            except Exception as exc:
+                conn.execute("ROLLBACK")
+                raise RuntimeError(f"store migration {name} failed: {exc}") from exc
+            version = number
+    finally:
+        conn.execute(f"PRAGMA foreign_keys={'ON' if foreign_keys else 'OFF'}")
     return version
 
 

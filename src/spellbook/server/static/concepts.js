@@ -14,7 +14,6 @@ const trainFill = document.getElementById("train-fill");
 const trainText = document.getElementById("train-text");
 const trainStatus = document.getElementById("train-status");
 
-let admin = false;
 let training = null; // { id, events }
 
 function formatSize(bytes) {
@@ -42,7 +41,8 @@ function conceptRow(concept) {
   }
   const name = document.createElement("td");
   name.className = "concept-name";
-  name.textContent = `<${concept.name}>`;
+  name.textContent = concept.bare_word ? `<${concept.name}> or ${concept.name}` : `<${concept.name}>`;
+  if (concept.scope === "own") name.append(" ", Object.assign(document.createElement("span"), { className: "badge", textContent: "yours" }));
   if (concept.note) name.title = concept.note;
   const shape = concept.vectors ? `${concept.vectors} × ${concept.dims}` : "?";
   const cells = [shape, concept.trained_for || "–", formatSize(concept.size_bytes), concept.hash || "–"].map((text) => {
@@ -59,7 +59,7 @@ function conceptRow(concept) {
     link(concept.files.diffusers, "diffusers", `${concept.name}-diffusers.safetensors`),
   );
   const actions = document.createElement("td");
-  if (admin) {
+  if (concept.yours) {
     const remove = document.createElement("button");
     remove.type = "button";
     remove.className = "remove";
@@ -121,6 +121,7 @@ uploadForm.addEventListener("submit", async (event) => {
   data.append("file", file);
   const name = uploadForm.elements.name.value.trim();
   if (name) data.append("name", name);
+  if (uploadForm.elements.bare_word.checked) data.append("bare_word", "true");
   try {
     const concept = await api("/api/v1/concepts", { method: "POST", body: data });
     uploadForm.reset();
@@ -153,6 +154,7 @@ trainForm.addEventListener("submit", async (event) => {
     const value = trainForm.elements[field].value.trim();
     if (value !== "") data.append(field, value);
   }
+  if (trainForm.elements.bare_word.checked) data.append("bare_word", "true");
   for (const picture of trainForm.elements.images.files) data.append("images", picture);
   let job;
   try {
@@ -222,14 +224,4 @@ trainCancel.addEventListener("click", async () => {
   }
 });
 
-async function start() {
-  try {
-    const me = await api("/api/v1/me");
-    admin = me.role === "admin";
-  } catch {
-    admin = false;
-  }
-  await load();
-}
-
-start();
+load();
