@@ -154,6 +154,46 @@ def test_embedded_server_killed_mid_job_runs_it_again_once(home, tmp_path):
         server.wait(10)
 
 
+def test_sigterm_exits_in_seconds_with_an_abandoned_a1111_request_whose_job_runs_after_restart(home):
+    """An A1111 client starts a long txt2img and goes away; SIGTERM must not wait for that job (it was minutes);
+    the job keeps its place and runs again when the server is back (cancelled there: it would take a minute)."""
+    port = free_port()
+    env = {"SPELLBOOK_HOME": str(home), "SPELLBOOK_THREADS": "1"}
+    base = f"http://127.0.0.1:{port}"
+    server = spellbook("serve", "--port", str(port), env=env)
+    try:
+        wait_for(lambda: _up(base), 120, "server start")
+        body = {"prompt": "a green triangle", "seed": 5, "steps": 150, "width": 128, "height": 128, "batch_size": 4}
+        with pytest.raises(httpx.TimeoutException):  # the client gives up and goes away
+            httpx.post(f"{base}/sdapi/v1/txt2img", json=body, timeout=1)
+        job_id = wait_for(lambda: _running(base), 60, "job running")
+        started = time.monotonic()
+        server.send_signal(signal.SIGTERM)
+        server.wait(60)
+        assert time.monotonic() - started < 10, "SIGTERM waited for the abandoned job"
+        # uvicorn shuts down gracefully, then re-raises the signal, so the exit status still says SIGTERM.
+        log = server.stderr.read().decode()
+        assert server.returncode in (0, -signal.SIGTERM) and "Traceback" not in log, log[-2000:]
+        server = spellbook("serve", "--port", str(port), env=env)
+        wait_for(lambda: _up(base), 120, "server restart")
+        job = wait_for(lambda: _running_again(base, job_id), 60, "job running again after restart")
+        assert job["attempts"] == 2
+        assert httpx.post(f"{base}/api/v1/jobs/{job_id}/cancel").json()["state"] == "cancelled"
+    finally:
+        server.kill()
+        server.wait(10)
+
+
+def _running_again(base: str, job_id: str):
+    job = httpx.get(f"{base}/api/v1/jobs/{job_id}").json()
+    return job if job["state"] == "running" else None
+
+
+def _running(base: str) -> str | None:
+    jobs = httpx.get(f"{base}/api/v1/jobs").json()
+    return next((job["id"] for job in jobs if job["state"] == "running"), None)
+
+
 def _up(base: str) -> bool:
     try:
         return httpx.get(f"{base}/api/v1/health", timeout=2).status_code == 200

@@ -88,6 +88,13 @@ class RateLimited(SpellbookError):
     http_status = 429
 
 
+class Unavailable(SpellbookError):
+    """The server is shutting down: the request was not finished here (a queued job stays queued)."""
+
+    code = "unavailable"
+    http_status = 503
+
+
 class GenerationFailed(SpellbookError):
     """The engine made no usable image (NaN/inf values, one flat colour): a sampler that broke down on this model,
     not a bad request. The job fails with this message (HTTP 500 where it is answered directly)."""

@@ -7,6 +7,7 @@ Scale-out mode (`broker`): the same rows, dispatched in compatible groups to Cel
 from __future__ import annotations
 
 import json
+import threading
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.base import BaseHTTPMiddleware
 
 from spellbook import __version__
-from spellbook.errors import Forbidden, SpellbookError, TooLarge, UserError
+from spellbook.errors import Forbidden, SpellbookError, TooLarge, Unavailable, UserError
 from spellbook.queue.filer import GalleryFiler
 from spellbook.queue.jobs import FINAL, Job, JobQueue
 from spellbook.queue.worker import EmbeddedWorker
@@ -55,6 +56,9 @@ class Services:
     dispatcher: object | None = None  # queue.celery.Dispatcher in scale-out mode
     default_model: str = "shapes"
     started: float = field(default_factory=time.time)
+    # Set when shutdown begins (SIGTERM, Ctrl-C): requests that wait for a job stop waiting, so the server exits in
+    # seconds; their jobs stay in the store and run after a restart.
+    stopping: threading.Event = field(default_factory=threading.Event)
     # Password sign-ins per user name and per client address: slow enough that guessing passwords is hopeless.
     signin_limiter: RateLimiter = field(default_factory=lambda: RateLimiter(SIGNIN_PER_MINUTE, "sign-in attempts"))
 
@@ -81,13 +85,19 @@ class Services:
 
     def wait_final(self, job_id: str, timeout: float = 3600) -> Job:
         """Block until the job ends (for the A1111 API's synchronous calls; they run in FastAPI's thread pool,
-        never on the event loop)."""
+        never on the event loop). A shutdown ends the wait with a 503: the job stays queued and runs after the
+        restart (its owner finds it at /api/v1/jobs/{id})."""
         deadline = time.monotonic() + timeout
         while True:
             job = self.queue.get(job_id)
             if job.state in FINAL or time.monotonic() > deadline:
                 return job
-            time.sleep(0.1)
+            if self.stopping.wait(0.1):
+                raise Unavailable(
+                    f"the server is shutting down; job {job_id} was not finished and runs again when it is back",
+                    field="job_id",
+                    hint=f"fetch it later from /api/v1/jobs/{job_id}",
+                )
 
 
 def build_services(settings: Settings, *, start_worker: bool = True) -> Services:
@@ -180,8 +190,9 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
         for loop in loops:
             loop.start()
         yield
+        services.stopping.set()
         for loop in reversed(loops):
-            loop.stop()
+            loop.stop(timeout=3)  # a generation in flight keeps its lease and runs again after a restart
 
     app = FastAPI(
         title="Spellbook",

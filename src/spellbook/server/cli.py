@@ -44,7 +44,19 @@ def serve(
     typer.echo(
         f"Spellbook on http://{settings.host}:{settings.port} ({'scale-out' if settings.broker else 'embedded'})"
     )
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
+    stopping = app.state.services.stopping
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            # SIGTERM / Ctrl-C: requests waiting for a job (A1111's synchronous calls) give up at once, so the
+            # graceful shutdown is not held by a client that went away; their jobs stay queued.
+            stopping.set()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=5
+    )
+    Server(config).run()
 
 
 def worker(
