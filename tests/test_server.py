@@ -340,3 +340,21 @@ def test_the_same_picture_from_two_owners_is_in_both_galleries(make_client, home
         found = client.get("/api/v1/gallery/search", params={"q": "plum", "mode": "words"}, headers=headers[name])
         assert [image["id"] for image in found.json()["images"]] == [image_id]
     assert client.get(f"/api/v1/gallery/images/{filed['alice']['image_id']}", headers=headers["bob"]).status_code == 404
+
+
+def test_405_names_every_method_and_the_schema_documents_400_in_our_error_shape(make_client):
+    client, _ = make_client(start_worker=False)
+    for method, url, allowed in (
+        ("PUT", "/api/v1/jobs", "GET, POST"),
+        ("POST", "/api/v1/concepts/charlie", "GET, PATCH, DELETE"),
+        ("GET", "/sdapi/v1/txt2img", "POST"),
+    ):
+        response = client.request(method, url)
+        assert response.status_code == 405 and response.headers["allow"] == allowed, (method, url)
+        assert response.json()["error"]["code"] == "method_not_allowed" and allowed in response.json()["error"]["message"]
+    schema = client.get("/openapi.json").json()
+    assert "422" not in json.dumps(schema["paths"])
+    create = schema["paths"]["/api/v1/jobs"]["post"]["responses"]
+    assert create["400"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}
+    bad = client.post("/api/v1/jobs", json={"prompt": 3})
+    assert bad.status_code == 400 and set(bad.json()["error"]) == {"code", "message", "field"}

@@ -209,11 +209,17 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
         return JSONResponse(exc.to_dict(), status_code=exc.http_status)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_request: Request, exc: StarletteHTTPException):
-        """Routing's own errors (no such path, method not allowed) in the same error shape as ours."""
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        """Routing's own errors (no such path, method not allowed) in the same error shape as ours. A 405 says
+        every method the path takes (Starlette's names only the first route that matched the path)."""
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http")
-        body = {"error": {"code": code, "message": str(exc.detail), "field": None}}
-        return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+        message, headers = str(exc.detail), dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:
+            allowed = allowed_methods(request)
+            headers["Allow"] = ", ".join(allowed)
+            message = f"{request.method} is not allowed on {request.url.path}; it takes {', '.join(allowed)}"
+        body = {"error": {"code": code, "message": message, "field": None}}
+        return JSONResponse(body, status_code=exc.status_code, headers=headers or None)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request: Request, exc: RequestValidationError):
@@ -221,6 +227,28 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
         path = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
         message = f"{path}: {first.get('msg')}" if path else str(first.get("msg"))
         return JSONResponse({"error": {"code": "invalid", "message": message, "field": path}}, status_code=400)
+
+    def openapi() -> dict:
+        """FastAPI's schema, saying what the API really answers: a bad request is a 400 in our error shape (not
+        FastAPI's 422), and any other error status comes in that shape too (`default`)."""
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+            for unused in ("HTTPValidationError", "ValidationError"):
+                schemas.pop(unused, None)
+            schemas["Error"] = ERROR_SCHEMA
+            error = {"$ref": "#/components/schemas/Error"}
+            for operation in (op for item in schema.get("paths", {}).values() for op in item.values()):
+                responses = operation.setdefault("responses", {})
+                responses.pop("422", None)
+                responses["400"] = {"description": "Bad request: the field named and what to do", "content": {"application/json": {"schema": error}}}  # fmt: skip
+                responses["default"] = {"description": "Any other error (401, 403, 404, 409, 413, 429, 503 …)", "content": {"application/json": {"schema": error}}}  # fmt: skip
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
 
     from spellbook.server import a1111, account_routes, concept_routes, gallery_routes, native, pages
 
@@ -231,6 +259,37 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     app.include_router(a1111.router)
     pages.mount(app)
     return app
+
+
+# Every error the API returns: {"error": {"code", "message", "field"}} (errors.SpellbookError.to_dict).
+ERROR_SCHEMA = {
+    "title": "Error",
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["code", "message", "field"],
+            "properties": {
+                "code": {"type": "string", "description": "e.g. invalid, not_found, forbidden, insufficient_credits"},
+                "message": {"type": "string", "description": "what was wrong and what to do"},
+                "field": {"type": ["string", "null"], "description": "the request field, as a dotted path"},
+            },
+        }
+    },
+}
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route takes at this request's path."""
+    from starlette.routing import Match
+
+    methods = []
+    for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"):
+        scope = {**request.scope, "method": method}
+        if any(route.matches(scope)[0] == Match.FULL for route in request.app.router.routes):
+            methods.append(method)
+    return methods
 
 
 def principal(request: Request) -> Principal:
