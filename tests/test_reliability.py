@@ -214,3 +214,38 @@ def test_worker_and_serve_refuse_a_public_bind_without_admin(home, capsys, monke
     code, _, err = run_cli(["serve", "--host", "0.0.0.0", "--port", free_port()], capsys, monkeypatch)
     assert code == 2 and "no admin user" in err and "Traceback" not in err
     assert Path(home / "spellbook.db").exists()
+
+
+SETPRIV = shutil.which("setpriv")
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or SETPRIV is None, reason="runs the server as another user (needs root)")
+def test_a_home_the_server_cannot_write_is_one_line_and_exit_2_before_it_says_it_serves(request):
+    """A read-only database, then a read-only images folder: said at start, not as a traceback or per job."""
+    import tempfile
+
+    from spellbook.store.db import Database
+
+    home = Path(tempfile.mkdtemp(prefix="spellbook-readonly-", dir="/tmp"))  # pytest's tmp is root's alone
+    request.addfinalizer(lambda: shutil.rmtree(home, ignore_errors=True))
+    Database(home / "spellbook.db").close()
+    nobody = [SETPRIV, "--reuid=65534", "--regid=65534", "--clear-groups"]
+    home.chmod(0o755)
+    (home / "spellbook.db").chmod(0o644)
+    for expected in ("cannot open the database", "cannot write"):
+        run = subprocess.run(
+            [*nobody, sys.executable, "-m", "spellbook.cli", "serve", "--port", str(free_port())],
+            env={**os.environ, "SPELLBOOK_HOME": str(home)},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert run.returncode == 2 and expected in run.stderr, run.stderr[-2000:]
+        assert "Traceback" not in run.stderr and "Spellbook on" not in run.stdout
+        assert len(run.stderr.strip().splitlines()) == 1, run.stderr
+        # Now the database is writable, the images folder not.
+        home.chmod(0o777)
+        for path in home.glob("spellbook.db*"):
+            path.chmod(0o666)
+        (home / "images").mkdir(exist_ok=True)
+        (home / "images").chmod(0o755)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import shutil
 import struct
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -358,3 +359,59 @@ def test_405_names_every_method_and_the_schema_documents_400_in_our_error_shape(
     assert create["400"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}
     bad = client.post("/api/v1/jobs", json={"prompt": 3})
     assert bad.status_code == 400 and set(bad.json()["error"]) == {"code", "message", "field"}
+
+
+def test_an_unwritable_images_folder_fails_the_job_once_saying_where_and_refunds(make_client, home):
+    """Not "worker stopped 3 times": the job fails on its first run with the folder and the reason, refunded."""
+    from datetime import UTC, datetime
+
+    from spellbook.store.accounts import Accounts
+    from spellbook.store.db import Database
+
+    accounts = Accounts(Database(Settings.from_env().db_path))
+    accounts.add_user("dora")
+    accounts.grant("dora", 20)
+    dora = {"authorization": f"Bearer {accounts.create_token('dora')}"}
+    client, _ = make_client(auth="on")
+    year = home / "images" / f"{datetime.now(UTC):%Y}"
+    shutil.rmtree(year, ignore_errors=True)
+    year.write_text("not a folder")  # writing under it fails, for root too (a read-only mount, a full disk)
+    job = client.post("/api/v1/jobs", json={"prompt": "a red circle", "steps": 2}, headers=dora).json()
+    failed = wait_done(client, job["id"], headers=dora)
+    assert failed["state"] == "failed" and failed["attempts"] == 1, failed
+    assert failed["error"]["code"] == "storage_failed" and str(year) in failed["error"]["message"]
+    assert accounts.user("dora").balance == 20  # refunded
+
+
+def test_an_idempotency_key_makes_a_retry_get_the_job_it_paid_for(make_client, home):
+    """A1111 clients retry a request whose answer they lost: the same key and body give the same job, paid once;
+    the same key with another body is a 409; another user's key is theirs alone."""
+    from spellbook.store.accounts import Accounts
+    from spellbook.store.db import Database
+
+    accounts = Accounts(Database(Settings.from_env().db_path))
+    headers = {}
+    for name in ("dora", "eve"):
+        accounts.add_user(name)
+        accounts.grant(name, 20)
+        headers[name] = {"authorization": f"Bearer {accounts.create_token(name)}"}
+    client, _ = make_client(auth="on")
+    body = {"prompt": "a red circle", "steps": 2}
+    dora = {**headers["dora"], "Idempotency-Key": "retry-1"}
+    first = client.post("/api/v1/jobs", json=body, headers=dora).json()
+    again = client.post("/api/v1/jobs", json=body, headers=dora).json()
+    assert again["id"] == first["id"] and accounts.user("dora").balance == 20 - first["cost"]
+    other = client.post("/api/v1/jobs", json={**body, "prompt": "a blue circle"}, headers=dora)
+    assert other.status_code == 409 and other.json()["error"]["field"] == "Idempotency-Key"
+    eve = client.post("/api/v1/jobs", json=body, headers={**headers["eve"], "Idempotency-Key": "retry-1"}).json()
+    assert eve["id"] != first["id"]
+    # The A1111 API: a retry waits for the same job and returns the same image, paid once.
+    a1111 = {**headers["dora"], "Idempotency-Key": "a1111-1"}
+    balance = accounts.user("dora").balance
+    images = [client.post("/sdapi/v1/txt2img", json={"prompt": "a red square", "steps": 2, "seed": -1}, headers=a1111)
+              for _ in range(2)]  # fmt: skip
+    assert [r.status_code for r in images] == [200, 200] and images[0].json()["images"] == images[1].json()["images"]
+    assert json.loads(images[0].json()["info"])["spellbook_job"] == json.loads(images[1].json()["info"])["spellbook_job"]
+    assert accounts.user("dora").balance == balance - wait_done(client, first["id"], headers=headers["dora"])["cost"]
+    bad = client.post("/api/v1/jobs", json=body, headers={**headers["dora"], "Idempotency-Key": "\x7f"})
+    assert bad.status_code == 400 and bad.json()["error"]["field"] == "Idempotency-Key"

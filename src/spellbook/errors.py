@@ -88,6 +88,24 @@ class RateLimited(SpellbookError):
     http_status = 429
 
 
+class StorageFailed(SpellbookError):
+    """The server could not write what it made (a folder it may not write to, a full disk): not the request's
+    fault, and not worth a retry; the job fails once and is refunded."""
+
+    code = "storage_failed"
+    http_status = 500
+
+    @classmethod
+    def of(cls, exc: OSError, what: str = "") -> StorageFailed:
+        where = exc.filename or what or "the home folder"
+        reason = (exc.strerror or str(exc)).lower()
+        return cls(
+            f"cannot write {where}: {reason}",
+            field=None,
+            hint="give the server's user write access to SPELLBOOK_HOME, or free disk space",
+        )
+
+
 class Unavailable(SpellbookError):
     """The server is shutting down: the request was not finished here (a queued job stays queued)."""
 

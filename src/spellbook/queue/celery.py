@@ -289,7 +289,13 @@ class Dispatcher(BackgroundLoop):
             if "trained" in outcome:
                 self._record_concept(job_id, outcome["trained"])
                 continue
-            records = save_pngs(self.settings, self.queue.get(job_id), outcome["images"])
+            try:
+                records = save_pngs(self.settings, self.queue.get(job_id), outcome["images"])
+            except OSError as exc:  # an unwritable images folder, a full disk: fail once (refunded), say where
+                from spellbook.errors import StorageFailed
+
+                self.queue.fail(job_id, StorageFailed.of(exc, str(self.settings.images_dir)).to_dict()["error"])
+                continue
             self.queue.complete(  # done now; the gallery outbox files the images after
                 job_id, {"images": records, "batched_with": value.get("batched_with", 1), "worker": value.get("worker")}
             )

@@ -13,13 +13,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from spellbook.errors import Conflict, Forbidden, NotFound
+from spellbook.errors import Conflict, Forbidden, NotFound, UserError
 from spellbook.recipe import Limits, Recipe
 from spellbook.store.accounts import Accounts
 from spellbook.store.db import Database
@@ -100,6 +101,26 @@ def job_cost(recipe: Recipe) -> int:
     return max(1, -(-work // 65536))
 
 
+@dataclass(frozen=True)
+class Idempotency:
+    """An `Idempotency-Key` header and a hash of the request it came with."""
+
+    key: str
+    request: str
+
+    @classmethod
+    def of(cls, key: str | None, body: str | bytes) -> Idempotency | None:
+        if key is None:
+            return None
+        key = key.strip()
+        if not key or len(key) > 200 or not key.isprintable():
+            raise UserError(
+                "Idempotency-Key must be 1 to 200 printable characters, e.g. a UUID", field="Idempotency-Key"
+            )
+        data = body.encode() if isinstance(body, str) else body
+        return cls(key, hashlib.sha256(data).hexdigest())
+
+
 def batch_key(recipe: Recipe) -> str:
     """Jobs with equal keys can share one forward pass (same model, size, sampler, steps, guidance)."""
     from spellbook.engine.samplers import SAMPLER_SPECS
@@ -129,18 +150,53 @@ class JobQueue:
         self.max_attempts = max_attempts
 
     # ----------------------------------------------------------------------------------------- submit
-    def submit(self, recipe: Recipe, *, owner: int | None, cost: int | None = None, extra: dict | None = None) -> Job:
+    def submit(
+        self,
+        recipe: Recipe,
+        *,
+        owner: int | None,
+        cost: int | None = None,
+        extra: dict | None = None,
+        idempotency: Idempotency | None = None,
+    ) -> Job:
+        """Queue a recipe, paid now. With `idempotency`, a key this owner used before gives that job back, unpaid
+        again (checked inside the paying transaction, so two racing retries make one job)."""
         job_id = uuid.uuid4().hex
         cost = job_cost(recipe) if cost is None else cost
         request = {"recipe": recipe.to_dict(), **(extra or {})}
         with self.db.transaction() as conn:
+            if idempotency is not None and (earlier := self._idempotent(conn, owner, idempotency)) is not None:
+                return earlier
             if owner is not None:
                 Accounts.debit(conn, owner, cost, job_id)
             conn.execute(
-                "INSERT INTO jobs (id, owner, kind, request, cost, batch_key, created) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (job_id, owner, recipe.kind, json.dumps(request), cost, batch_key(recipe), time.time()),
-            )
+                "INSERT INTO jobs (id, owner, kind, request, cost, batch_key, created, idempotency_key, "
+                "idempotency_request) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    job_id, owner, recipe.kind, json.dumps(request), cost, batch_key(recipe), time.time(),
+                    idempotency.key if idempotency else None, idempotency.request if idempotency else None,
+                ),
+            )  # fmt: skip
         return self.get(job_id)
+
+    def find_idempotent(self, owner: int | None, idempotency: Idempotency) -> Job | None:
+        """The job this owner already submitted with this key (a Conflict if it was for another request)."""
+        return self._idempotent(self.db.conn, owner, idempotency)
+
+    @staticmethod
+    def _idempotent(conn, owner: int | None, idempotency: Idempotency) -> Job | None:
+        row = conn.execute(
+            "SELECT * FROM jobs WHERE owner IS ? AND idempotency_key = ?", (owner, idempotency.key)
+        ).fetchone()
+        if row is None:
+            return None
+        if row["idempotency_request"] != idempotency.request:
+            raise Conflict(
+                f"Idempotency-Key {idempotency.key!r} was used for another request (job {row['id']})",
+                field="Idempotency-Key",
+                hint="use a new key for a new request; resend the same request to get that job back",
+            )
+        return _job(row)
 
     def submit_task(self, kind: str, request: dict[str, Any], *, owner: int | None, cost: int) -> Job:
         """A job that is not a recipe (e.g. `concept`: train a concept): paid the same way, never batched."""

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image
 
 from spellbook.engine.pipeline import can_share_batch, generate, to_pil
-from spellbook.errors import Cancelled, SpellbookError
+from spellbook.errors import Cancelled, SpellbookError, StorageFailed
 from spellbook.provenance import Result, write_result
 from spellbook.queue.jobs import Job, JobQueue
 from spellbook.queue.training import CONCEPT_KIND
@@ -277,7 +277,11 @@ class EmbeddedWorker(BackgroundLoop):
             if not self.queue.is_active(job.id):
                 continue  # cancelled while running
             settings = self.studio.settings
-            written = write_job_results(settings, job, result)
+            try:
+                written = write_job_results(settings, job, result)
+            except OSError as exc:  # an unwritable images folder, a full disk: fail once (refunded), say where
+                self.queue.fail(job.id, StorageFailed.of(exc, str(settings.images_dir)).to_dict()["error"])
+                continue
             records = [image_record(settings, i, r.recipe, r.path, r.sha256) for i, r in enumerate(written)]
             # Done as soon as the PNGs are durable; the gallery files them after (the outbox).
             if self.queue.complete(job.id, {"images": records, "batched_with": len(jobs)}) and self.filer:

@@ -18,10 +18,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from spellbook import __version__
 from spellbook.errors import Conflict, Forbidden, SpellbookError, UserError
 from spellbook.infotext import parse_infotext, read_png_text
-from spellbook.queue.jobs import Job
+from spellbook.queue.jobs import Idempotency, Job
 from spellbook.recipe import SAMPLERS, SCHEDULES, ImageRequest, Recipe
 from spellbook.server.app import Caller, Services, services_of
-from spellbook.server.native import submit
+from spellbook.server.native import IdempotencyKey, submit
 from spellbook.server.security import Principal, decode_image
 
 router = APIRouter(prefix="/sdapi/v1", tags=["a1111"])
@@ -127,10 +127,14 @@ _A1111_FIELDS = {
 }
 
 
-def _run(services: Services, who: Principal, body: A1111Request, kind: str) -> dict[str, Any]:
-    """Queue the job and wait for it, as A1111's endpoints do (in the thread pool: the event loop stays free)."""
+def _run(
+    services: Services, who: Principal, body: A1111Request, kind: str, idempotency_key: str | None = None
+) -> dict[str, Any]:
+    """Queue the job and wait for it, as A1111's endpoints do (in the thread pool: the event loop stays free).
+    A client that retries with the same Idempotency-Key waits for the job it already paid for."""
     try:
-        job = submit(services, who, to_request(services, body, kind))
+        idempotency = Idempotency.of(idempotency_key, body.model_dump_json())
+        job = submit(services, who, to_request(services, body, kind), idempotency)
     except SpellbookError as error:
         error.field = _A1111_FIELDS.get(error.field or "", error.field)
         raise
@@ -183,15 +187,19 @@ def _response(services: Services, job: Job, body: A1111Request) -> dict[str, Any
 
 
 @router.post("/txt2img")
-def txt2img(body: A1111Request, request: Request, who: Caller) -> dict[str, Any]:
-    return _run(services_of(request), who, body, "txt2img")
+def txt2img(
+    body: A1111Request, request: Request, who: Caller, idempotency_key: IdempotencyKey = None
+) -> dict[str, Any]:
+    return _run(services_of(request), who, body, "txt2img", idempotency_key)
 
 
 @router.post("/img2img")
-def img2img(body: A1111Request, request: Request, who: Caller) -> dict[str, Any]:
+def img2img(
+    body: A1111Request, request: Request, who: Caller, idempotency_key: IdempotencyKey = None
+) -> dict[str, Any]:
     if not body.init_images:
         raise UserError("img2img needs init_images: a list with one base64 image", field="init_images")
-    return _run(services_of(request), who, body, "inpaint" if body.mask else "img2img")
+    return _run(services_of(request), who, body, "inpaint" if body.mask else "img2img", idempotency_key)
 
 
 @router.get("/options")

@@ -7,7 +7,7 @@ import base64
 import json
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Path, Query, Request
+from fastapi import APIRouter, Header, Path, Query, Request
 from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -15,13 +15,21 @@ from spellbook import __version__
 from spellbook.errors import NotFound, SpellbookError
 from spellbook.models.info import DEFAULTS_FILE
 from spellbook.models.registry import ModelEntry
-from spellbook.queue.jobs import FINAL, Job
+from spellbook.queue.jobs import FINAL, Idempotency, Job
 from spellbook.recipe import SAMPLERS, SCHEDULES, ImageRequest
 from spellbook.server.app import Caller, Services, services_of
 from spellbook.server.security import Principal, authenticate, decode_image
 
 router = APIRouter(prefix="/api/v1", tags=["native"])
 JobId = Annotated[str, Path(min_length=1, max_length=64, description="job id")]
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        max_length=200,
+        description="any unique string (e.g. a UUID): a retry with the same key and body gets the same job, paid once",
+    ),
+]
 ImageIndex = Annotated[int, Path(ge=0, le=100_000)]
 
 
@@ -57,13 +65,16 @@ class JobRequest(BaseModel):
         )
 
 
-def submit(services: Services, who: Principal, request: ImageRequest) -> Job:
-    """Validate (model metadata only: the API process never loads weights), pay, queue: every API's jobs."""
+def submit(services: Services, who: Principal, request: ImageRequest, idempotency: Idempotency | None = None) -> Job:
+    """Validate (model metadata only: the API process never loads weights), pay, queue: every API's jobs. A
+    retry with the same Idempotency-Key gets the job it already paid for, in whatever state it is."""
     services.limiter.check(who.name)
+    if idempotency is not None and (earlier := services.queue.find_idempotent(who.id, idempotency)) is not None:
+        return earlier
     if request.model is None:
         request = request.with_(model=services.default_model)
     recipe = services.studio.plan(request, allow_paths=False, concepts_of=who.concepts_of)
-    job = services.queue.submit(recipe, owner=who.id)
+    job = services.queue.submit(recipe, owner=who.id, idempotency=idempotency)
     services.wake()
     return job
 
@@ -126,10 +137,14 @@ def health(request: Request) -> dict[str, Any]:
 
 
 @router.post("/jobs", status_code=202)
-def create_job(body: JobRequest, request: Request, who: Caller) -> dict[str, Any]:
-    """Queue a job; pays its cost in credits now (refunded if it fails or is cancelled)."""
+def create_job(
+    body: JobRequest, request: Request, who: Caller, idempotency_key: IdempotencyKey = None
+) -> dict[str, Any]:
+    """Queue a job; pays its cost in credits now (refunded if it fails or is cancelled). Send an
+    Idempotency-Key to retry safely: the same key and body give the same job, paid once."""
     services = services_of(request)
-    return job_view(services, submit(services, who, body.to_request(services.settings.max_pixels)))
+    idempotency = Idempotency.of(idempotency_key, body.model_dump_json())
+    return job_view(services, submit(services, who, body.to_request(services.settings.max_pixels), idempotency))
 
 
 @router.get("/jobs")

@@ -114,7 +114,18 @@ class Database:
         self.cache_lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
         self._executor_lock = threading.Lock()
-        migrate(self.conn)
+        try:
+            migrate(self.conn)
+            self.conn.execute("BEGIN IMMEDIATE")  # can this process write here? (a read-only file or folder)
+            self.conn.execute("ROLLBACK")
+        except (sqlite3.OperationalError, OSError) as exc:
+            from spellbook.errors import UserError
+
+            raise UserError(
+                f"cannot open the database {self.path} for writing: {exc}",
+                field="home",
+                hint="give this user write access to the file and its folder, or set SPELLBOOK_HOME to another folder",
+            ) from None
 
     def executor(self) -> ThreadPoolExecutor:
         """Two threads for work that reads this database beside the caller's thread (made on first use)."""
