@@ -7,10 +7,12 @@ Scale-out mode (`broker`): the same rows, dispatched in compatible groups to Cel
 from __future__ import annotations
 
 import json
+import tempfile
 import threading
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, Request
@@ -100,8 +102,24 @@ class Services:
                 )
 
 
+def check_writable(folder: Path) -> None:
+    """A folder the server writes to must be writable now, not found out job by job (exit 2 at start)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        raise UserError(
+            f"cannot write {folder}: {(exc.strerror or str(exc)).lower()}",
+            field="home",
+            hint="give this user write access to SPELLBOOK_HOME, or set it to another folder",
+        ) from None
+
+
 def build_services(settings: Settings, *, start_worker: bool = True) -> Services:
-    db = Database(settings.db_path)
+    db = Database(settings.db_path)  # a database this process cannot write is refused here, in one line
+    for folder in (settings.images_dir, settings.inputs_dir):
+        check_writable(folder)
     accounts = Accounts(db)
     required = auth_required(settings.auth, settings.host)
     if required and not is_loopback(settings.host) and not accounts.has_admin():
