@@ -57,10 +57,20 @@ Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.
 
 
 def _studio():
-    quiet_libraries()
-    from spellbook.studio import Studio
+    """The studio, with a spinner on a terminal while torch and diffusers load (seconds the user would
+    otherwise spend looking at nothing)."""
+    from contextlib import nullcontext
 
-    return Studio(current_settings())
+    status = nullcontext()
+    if sys.stderr.isatty():
+        from rich.console import Console
+
+        status = Console(stderr=True).status("loading torch and diffusers…")
+    with status:
+        quiet_libraries()
+        from spellbook.studio import Studio
+
+        return Studio(current_settings())
 
 
 def _echo_json(data: Any) -> None:
@@ -77,17 +87,17 @@ def _progress_bar(label: str, enabled: bool):
     if not enabled:
         return nullcontext(), None
     bar = Progress(
-        TextColumn(label),
+        TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         console=Console(stderr=True),
         transient=True,
     )
-    task = bar.add_task(label, total=None)
+    task = bar.add_task("loading the model", total=None)  # until the first step: weights, prompt encoding
 
     def callback(step, total, _latents) -> None:
-        bar.update(task, total=total, completed=step)
+        bar.update(task, description=label, total=total, completed=step)
 
     return bar, callback
 
