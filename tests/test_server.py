@@ -7,6 +7,7 @@ import io
 import json
 import shutil
 import struct
+import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
@@ -415,3 +416,96 @@ def test_an_idempotency_key_makes_a_retry_get_the_job_it_paid_for(make_client, h
     assert accounts.user("dora").balance == balance - wait_done(client, first["id"], headers=headers["dora"])["cost"]
     bad = client.post("/api/v1/jobs", json=body, headers={**headers["dora"], "Idempotency-Key": "\x7f"})
     assert bad.status_code == 400 and bad.json()["error"]["field"] == "Idempotency-Key"
+
+
+def test_a1111_fields_are_applied_or_refused_by_name(make_client):
+    client, _ = make_client()
+    base = {"prompt": "a red circle", "steps": 2, "seed": 9}
+    for extra, field in (
+        ({"enable_hr": True}, "enable_hr"),
+        ({"styles": ["cinematic"]}, "styles"),
+        ({"prompt": "a red circle <lora:add_detail:0.8>"}, "prompt"),
+        ({"eta": 0.5}, "eta"),
+        ({"override_settings": {"sd_vae": "nonexistent"}}, "override_settings.sd_vae"),
+        ({"override_settings": {"eta_noise_seed_delta": 31337}}, "override_settings.eta_noise_seed_delta"),
+        ({"made_up_field": 1}, "made_up_field"),
+        ({"sampler_name": "DPM++ 2S a"}, "sampler_name"),
+    ):
+        response = client.post("/sdapi/v1/txt2img", json={**base, **extra})
+        assert response.status_code == 400 and response.json()["error"]["field"] == field, (extra, response.text)
+    # The "off" values every client sends are accepted; send_images false returns no images; n_iter runs batches.
+    offs = {"enable_hr": False, "eta": 1.0, "s_noise": 1, "subseed": 123, "styles": [], "save_images": False,
+            "override_settings": {"sd_vae": "Automatic"}, "sampler_name": "k_euler_a"}  # fmt: skip
+    quiet = client.post("/sdapi/v1/txt2img", json={**base, **offs, "send_images": False})
+    assert quiet.status_code == 200 and quiet.json()["images"] == [], quiet.text
+    batches = client.post("/sdapi/v1/txt2img", json={**base, "batch_size": 2, "n_iter": 3})
+    info = json.loads(batches.json()["info"])
+    assert len(batches.json()["images"]) == 6 and info["all_seeds"] == [9, 10, 11, 12, 13, 14]
+    assert len(info["spellbook_jobs"]) == 3
+    samplers = {s["name"]: s["aliases"] for s in client.get("/sdapi/v1/samplers").json()}
+    assert "k_euler_a" in samplers["Euler a"]
+
+
+def test_a1111_options_post_accepts_the_whole_dict_all_or_nothing(make_client):
+    """Open WebUI GETs the options, changes the model, POSTs the whole dict back."""
+    client, services = make_client(start_worker=False)
+    options = client.get("/sdapi/v1/options").json()
+    options["sd_model_checkpoint"] = "shapes"
+    done = client.post("/sdapi/v1/options", json={**options, "some_ui_setting": True})
+    assert done.status_code == 200, done.text
+    assert services.default_model == "shapes" and "sd_checkpoint_hash" in done.headers["x-spellbook-ignored-options"]
+    refused = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "tiny", "CLIP_stop_at_last_layers": 2})
+    assert refused.status_code == 400 and refused.json()["error"]["field"] == "CLIP_stop_at_last_layers"
+    assert services.default_model == "shapes"  # nothing applied
+
+
+def test_a1111_interrupt_answers_200_with_the_batches_finished(make_client):
+    client, services = make_client()
+    body = {"prompt": "a red circle", "steps": 60, "seed": 1, "width": 64, "height": 64, "n_iter": 3}
+    with ThreadPoolExecutor(1) as pool:
+        call = pool.submit(client.post, "/sdapi/v1/txt2img", json=body)
+        deadline = time.monotonic() + 60
+        while not any(j.state == "running" for j in services.queue.list(all_users=True)):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert client.post("/sdapi/v1/interrupt").status_code == 200
+        response = call.result(timeout=120)
+    assert response.status_code == 200, response.text
+    info = json.loads(response.json()["info"])
+    assert info["interrupted"] is True and len(response.json()["images"]) < 3
+
+
+def test_a1111_surface_lists_and_extras(make_client):
+    client, _ = make_client(start_worker=False)
+    for url in ("loras", "prompt-styles", "face-restorers", "hypernetworks", "realesrgan-models",
+                "latent-upscale-modes", "sd-vae"):  # fmt: skip
+        assert client.get(f"/sdapi/v1/{url}").json() == [], url
+    assert {u["name"] for u in client.get("/sdapi/v1/upscalers").json()} == {"None", "Lanczos", "Nearest"}
+    for url in ("refresh-checkpoints", "refresh-vae", "refresh-loras", "refresh-embeddings", "skip"):
+        assert client.post(f"/sdapi/v1/{url}").status_code == 200, url
+    assert "ram" in client.get("/sdapi/v1/memory").json()
+    assert client.post("/sdapi/v1/interrogate", json={"image": ""}).status_code == 501
+    picture = png_b64(Image.new("RGB", (10, 6), (200, 10, 10)))
+    big = client.post("/sdapi/v1/extra-single-image", json={"image": picture, "upscaling_resize": 3, "upscaler_1": "Lanczos"})
+    resized = Image.open(io.BytesIO(base64.b64decode(big.json()["image"])))
+    assert resized.size == (30, 18) and resized.getpixel((15, 9))[0] > 150
+    nope = client.post("/sdapi/v1/extra-single-image", json={"image": picture, "upscaler_1": "R-ESRGAN 4x+"})
+    assert nope.status_code == 400 and nope.json()["error"]["field"] == "upscaler_1"
+
+
+def test_a1111_inpaint_options_mask_blur_invert_and_fill(make_client):
+    from spellbook.server.a1111 import A1111Request, _mask, fill_masked
+
+    square = Image.new("L", (16, 16), 0)
+    square.paste(255, (4, 4, 12, 12))
+    body = A1111Request(init_images=[""], mask=png_b64(square), mask_blur=2, inpainting_mask_invert=1)
+    mask = _mask(body, 1 << 20)
+    assert mask.getpixel((8, 8)) < 60 and mask.getpixel((0, 0)) > 230 and 60 < mask.getpixel((4, 8)) < 200
+    picture = Image.new("RGB", (16, 16), (0, 0, 255))
+    picture.paste((255, 0, 0), (4, 4, 12, 12))
+    filled = fill_masked(picture, square)
+    assert filled.getpixel((8, 8))[2] > 200 and filled.getpixel((0, 0)) == (0, 0, 255)  # the hole takes the blue around it
+    client, _ = make_client(start_worker=False)
+    refused = client.post("/sdapi/v1/img2img", json={"prompt": "x", "init_images": [png_b64(picture)],
+                                                     "mask": png_b64(square), "inpaint_full_res": True})  # fmt: skip
+    assert refused.status_code == 400 and refused.json()["error"]["field"] == "inpaint_full_res"

@@ -106,6 +106,13 @@ class StorageFailed(SpellbookError):
         )
 
 
+class NotImplemented_(SpellbookError):
+    """A feature this build does not have (HTTP 501): said by name, never faked."""
+
+    code = "not_implemented"
+    http_status = 501
+
+
 class Unavailable(SpellbookError):
     """The server is shutting down: the request was not finished here (a queued job stays queued)."""
 

@@ -35,6 +35,39 @@ SAMPLERS = (
     "LMS",
     "UniPC",
 )
+# A1111's aliases of each sampler (its `/sdapi/v1/samplers` lists them; old scripts send `k_euler_a`).
+SAMPLER_ALIASES = {
+    "Euler": ("k_euler",),
+    "Euler a": ("k_euler_a", "k_euler_ancestral"),
+    "Heun": ("k_heun",),
+    "DPM2": ("k_dpm_2",),
+    "DPM2 a": ("k_dpm_2_a",),
+    "DPM++ 2M": ("k_dpmpp_2m",),
+    "DPM++ 2M SDE": ("k_dpmpp_2m_sde",),
+    "DPM++ SDE": ("k_dpmpp_sde",),
+    "DPM++ 2S": ("k_dpmpp_2s",),
+    "DDIM": ("ddim",),
+    "PLMS": ("plms",),
+    "LMS": ("k_lms",),
+    "UniPC": ("unipc",),
+}
+# A1111 samplers Spellbook does not run, each with why and what is closest (diffusers has no scheduler for
+# them, or they need a model made for them); the name is refused with this, never mapped silently.
+NOT_RUN = {
+    "DPM++ 2S a": "diffusers' single-step DPM-Solver has no ancestral form; 'DPM++ 2S' or 'Euler a' are closest",
+    "DPM++ 3M SDE": "not mapped yet (diffusers' DPM-Solver with order 3 and SDE); 'DPM++ 2M SDE' is closest",
+    "DPM fast": "k-diffusion's adaptive DPM has no diffusers scheduler; 'DPM++ 2M' is closest",
+    "DPM adaptive": "k-diffusion's adaptive DPM has no diffusers scheduler; 'DPM++ 2M' is closest",
+    "Restart": "A1111's Restart sampler has no diffusers scheduler; 'DPM++ 2M' or 'Heun' are closest",
+    "DDPM": "not mapped yet (diffusers' DDPMScheduler; it needs hundreds of steps); 'Euler a' is closest",
+    "LCM": "needs a latent-consistency model (or LoRA), which Spellbook does not load yet",
+    "Euler CFG++": "CFG++ guidance is not implemented; 'Euler' is closest",
+    "DPM++ 2M CFG++": "CFG++ guidance is not implemented; 'DPM++ 2M' is closest",
+}
+NOT_RUN_ALIASES = {
+    "k_dpmpp_2s_a": "DPM++ 2S a", "k_dpmpp_3m_sde": "DPM++ 3M SDE", "k_dpm_fast": "DPM fast", "k_dpm_ad": "DPM adaptive",
+    "restart": "Restart", "ddpm": "DDPM", "k_lcm": "LCM",
+}  # fmt: skip
 SCHEDULES = ("Automatic", "Karras", "Exponential")
 MAX_SEED = 2**32 - 1
 
@@ -84,7 +117,12 @@ def parse_sampler(sampler: str, schedule: str | None = None) -> tuple[str, str]:
     `schedule`; no schedule at all means Automatic."""
     name, from_name = split_schedule(sampler)
     by_lower = {s.lower(): s for s in SAMPLERS}
+    by_lower.update({alias: s for s, aliases in SAMPLER_ALIASES.items() for alias in aliases})
     if name.lower() not in by_lower:
+        not_run = {n.lower(): n for n in NOT_RUN} | NOT_RUN_ALIASES
+        if name.lower() in not_run:
+            known = not_run[name.lower()]
+            raise UserError(f"sampler {known!r} is not available in Spellbook: {NOT_RUN[known]}", field="sampler")
         raise UserError(f"unknown sampler {sampler!r}; {suggest(sampler.strip(), SAMPLERS)}", field="sampler")
     chosen = (from_name or schedule or "Automatic").strip()
     schedules = {s.lower(): s for s in SCHEDULES}

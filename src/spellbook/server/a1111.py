@@ -9,17 +9,20 @@ which every client sends, are accepted.
 from __future__ import annotations
 
 import base64
+import io
 import json
+import re
+import time
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from spellbook import __version__
-from spellbook.errors import Conflict, Forbidden, SpellbookError, UserError
+from spellbook.errors import Conflict, Forbidden, NotImplemented_, SpellbookError, TooLarge, UserError
 from spellbook.infotext import parse_infotext, read_png_text
 from spellbook.queue.jobs import Idempotency, Job
-from spellbook.recipe import SAMPLERS, SCHEDULES, ImageRequest, Recipe
+from spellbook.recipe import SAMPLER_ALIASES, SAMPLERS, SCHEDULES, ImageRequest, Recipe
 from spellbook.server.app import Caller, Services, services_of
 from spellbook.server.native import IdempotencyKey, submit
 from spellbook.server.security import Principal, decode_image
@@ -28,44 +31,131 @@ router = APIRouter(prefix="/sdapi/v1", tags=["a1111"])
 
 
 class A1111Request(BaseModel):
-    # A1111 clients send many optional fields (styles, eta, s_churn, …); unknown ones are accepted and ignored.
+    """A1111's txt2img/img2img body. Every field A1111 defines is either applied, or accepted only at its "off"
+    value (which every client sends) and refused otherwise, naming it (`_ONLY_AT`); a field A1111 does not
+    define is refused too (`_check_fields`), so nothing a client asks for is silently dropped."""
+
     model_config = ConfigDict(extra="allow")
 
     prompt: str = Field("", max_length=20_000)
     negative_prompt: str = Field("", max_length=20_000)
+    styles: list[str] | None = None
     seed: int = -1
     sampler_name: str | None = None
     sampler_index: str | None = None
     scheduler: str | None = None
     batch_size: int = Field(1, ge=1, le=1000)
-    n_iter: int = Field(1, ge=1, le=1000)
+    n_iter: int = Field(1, ge=1, le=100, description="batches run one after another (seed + k x batch_size)")
     steps: int | None = Field(None, ge=1, le=10_000)
     cfg_scale: float = Field(7.0, ge=0, le=100)
     width: int | None = Field(None, ge=8, le=16_384, description="default: the model's native size")
     height: int | None = Field(None, ge=8, le=16_384, description="default: the model's native size")
     denoising_strength: float | None = Field(None, ge=0, le=1)
     override_settings: dict[str, Any] = Field(default_factory=dict)
-    enable_hr: bool = False
-    restore_faces: bool | None = False
-    tiling: bool | None = False
-    subseed_strength: float = 0.0
-    script_name: str | None = None
+    send_images: bool = Field(True, description="false: the response carries no images (they are still kept)")
+    save_images: bool = Field(False, description="images are always kept in the gallery here, whatever this says")
     # img2img
     init_images: list[str] | None = None
     mask: str | None = None
-    inpainting_mask_invert: int = 0
+    mask_blur: int | None = Field(None, ge=0, le=64, description="Gaussian blur of the mask, in pixels (A1111: 4)")
+    mask_blur_x: int | None = Field(None, ge=0, le=64)
+    mask_blur_y: int | None = Field(None, ge=0, le=64)
+    inpainting_mask_invert: int = Field(0, ge=0, le=1)
+    inpainting_fill: int = Field(1, ge=0, le=3, description="0 fill, 1 original (default here); 2, 3 refused")
 
 
-def _unsupported(body: A1111Request) -> None:
-    for field, value in (
-        ("enable_hr", body.enable_hr),
-        ("restore_faces", body.restore_faces),
-        ("tiling", body.tiling),
-        ("subseed_strength", body.subseed_strength),
-        ("script_name", body.script_name),
-    ):
-        if value:
-            raise UserError(f"{field} is not supported by Spellbook's A1111-compatible API", field=field)
+# A1111 fields accepted only at the values that mean "off" (what clients send when the user did not ask for
+# the feature); any other value is a 400 naming the field and saying what Spellbook lacks.
+_OFF = {
+    "enable_hr": ((False, None), "hires fix"),
+    "restore_faces": ((False, None), "face restoration"),
+    "tiling": ((False, None), "tiling"),
+    "subseed_strength": ((0, 0.0, None), "variation seeds"),
+    "seed_resize_from_h": ((0, -1, None), "resizing the seed"),
+    "seed_resize_from_w": ((0, -1, None), "resizing the seed"),
+    "script_name": ((None, ""), "scripts"),
+    "script_args": ((None, []), "scripts"),
+    "alwayson_scripts": ((None, {}), "always-on scripts (extensions)"),
+    "firstphase_width": ((0, None), "hires fix"),
+    "firstphase_height": ((0, None), "hires fix"),
+    "hr_resize_x": ((0, None), "hires fix"),
+    "hr_resize_y": ((0, None), "hires fix"),
+    "hr_checkpoint_name": ((None, ""), "hires fix"),
+    "hr_sampler_name": ((None, ""), "hires fix"),
+    "hr_scheduler": ((None, ""), "hires fix"),
+    "hr_prompt": ((None, ""), "hires fix"),
+    "hr_negative_prompt": ((None, ""), "hires fix"),
+    "refiner_checkpoint": ((None, ""), "a refiner model"),
+    "refiner_switch_at": ((None, 0, 0.0), "a refiner model"),
+    "eta": ((None, 1, 1.0), "a sampler eta other than A1111's default 1"),
+    "s_churn": ((None, 0, 0.0), "sampler noise settings (s_churn)"),
+    "s_tmin": ((None, 0, 0.0), "sampler noise settings (s_tmin)"),
+    "s_tmax": ((None, 0, 0.0, "inf"), "sampler noise settings (s_tmax)"),
+    "s_noise": ((None, 1, 1.0), "sampler noise settings (s_noise)"),
+    "s_min_uncond": ((None, 0, 0.0), "negative guidance minimum sigma"),
+    "initial_noise_multiplier": ((None, 1, 1.0), "an initial noise multiplier"),
+    "latent_mask": ((None, ""), "a separate latent mask"),
+    "inpaint_full_res": ((False, 0, None), "inpainting only the masked area (send false: the whole picture)"),
+    "resize_mode": ((0, None), "resize modes other than 'just resize'"),
+    "controlnet_units": ((None, []), "ControlNet"),
+}
+_INPAINT_ONLY = {"inpaint_full_res", "latent_mask", "inpaint_full_res_padding", "mask_round"}
+# A1111 fields that change nothing about the image, accepted with any value: the hires settings that only
+# count when enable_hr is true, options of pix2pix models and of A1111's own output folders, and the seed of
+# a variation whose strength is 0.
+_NO_EFFECT = {
+    "hr_scale", "hr_upscaler", "hr_second_pass_steps", "subseed", "do_not_save_samples", "do_not_save_grid",
+    "override_settings_restore_afterwards", "image_cfg_scale", "include_init_images", "inpaint_full_res_padding",
+    "mask_round", "disable_extra_networks", "comments", "force_task_id", "infotext", "use_deprecated_controlnet",
+    "use_async", "distilled_cfg_scale", "firstpass_image", "sampler_index",
+}  # fmt: skip
+# override_settings keys that are applied (sd_model_checkpoint, CLIP_stop_at_last_layers, sd_vae), and ones that
+# change nothing about the image.
+_OVERRIDES_APPLIED = {"sd_model_checkpoint", "CLIP_stop_at_last_layers", "sd_vae"}
+_OVERRIDES_NO_EFFECT = {"samples_format", "save_images_add_number", "grid_format", "enable_pnginfo", "sd_checkpoint_hash"}
+
+
+def _check_fields(body: A1111Request) -> None:
+    """Refuse, by name, every field that would change the image and that Spellbook cannot apply."""
+    for name, value in (body.model_extra or {}).items():
+        if name in _INPAINT_ONLY and not body.mask:
+            continue  # A1111 reads them only when there is a mask; clients send them with every img2img
+        if name in _OFF:
+            allowed, feature = _OFF[name]
+            if value not in allowed:
+                raise UserError(f"{name}={value!r} asks for {feature}, which Spellbook does not have", field=name)
+        elif name not in _NO_EFFECT:
+            raise UserError(
+                f"{name!r} is not a field of A1111's API that Spellbook knows; nothing was run",
+                field=name,
+                hint="remove it, or see /docs for the fields this API takes",
+            )
+    if body.styles:
+        raise UserError("styles are not supported yet; put the style's words into the prompt", field="styles")
+    for text, field in ((body.prompt, "prompt"), (body.negative_prompt, "negative_prompt")):
+        tag = _EXTRA_NETWORK.search(text)
+        if tag:
+            raise UserError(
+                f"{tag.group(0)!r}: {tag.group(1)} networks (LoRA, hypernetworks) are not supported yet; nothing was run",
+                field=field,
+                hint="remove the tag; textual-inversion concepts work as <name>",
+            )
+    for key, value in body.override_settings.items():
+        if key not in _OVERRIDES_APPLIED | _OVERRIDES_NO_EFFECT:
+            raise UserError(
+                f"override setting {key!r} is not one Spellbook applies (it applies "
+                f"{', '.join(sorted(_OVERRIDES_APPLIED))})",
+                field=f"override_settings.{key}",
+            )
+    if body.inpainting_fill in (2, 3) and body.mask:
+        raise UserError(
+            f"inpainting_fill={body.inpainting_fill} (latent noise / latent nothing) is not supported; use 0 (fill) "
+            "or 1 (original)",
+            field="inpainting_fill",
+        )
+
+
+_EXTRA_NETWORK = re.compile(r"<(lora|lyco|hypernet):[^>]*>", re.IGNORECASE)
 
 
 def _model(services: Services, body: A1111Request) -> str:
@@ -73,45 +163,87 @@ def _model(services: Services, body: A1111Request) -> str:
     return _title_to_name(str(name))
 
 
+def _vae(body: A1111Request) -> str | None:
+    """override_settings.sd_vae: 'Automatic' / 'None' (the model's own VAE), else a VAE by name."""
+    value = body.override_settings.get("sd_vae")
+    if value is None or str(value).strip().lower() in ("automatic", "none", ""):
+        return None
+    return _title_to_name(str(value))
+
+
 def _title_to_name(title: str) -> str:
     """A1111 titles are 'name [hash]' (sometimes 'name.safetensors [hash]')."""
     name = title.split(" [")[0].strip()
-    for suffix in (".safetensors", ".ckpt"):
+    for suffix in (".safetensors", ".ckpt", ".pt"):
         name = name.removesuffix(suffix)
     return name
 
 
 def to_request(services: Services, body: A1111Request, kind: str) -> ImageRequest:
-    """The A1111 adapter: A1111's field names end here (cfg_scale -> guidance, scheduler -> schedule, …)."""
-    _unsupported(body)
+    """The A1111 adapter: A1111's field names end here (cfg_scale -> guidance, scheduler -> schedule, …). One
+    request is one batch; `n_iter` batches are made by the caller (`_run`)."""
+    _check_fields(body)
     max_pixels = services.settings.max_pixels
     request = ImageRequest(
         kind=kind,
         prompt=body.prompt,
         negative_prompt=body.negative_prompt,
         model=_model(services, body),
+        vae=_vae(body),
         sampler=body.sampler_name or body.sampler_index,
         schedule=body.scheduler,
         steps=body.steps,
         guidance=body.cfg_scale,
         seed=None if body.seed == -1 else body.seed,
-        batch_size=body.batch_size * body.n_iter,
+        batch_size=body.batch_size,
         width=body.width,
         height=body.height,
         clip_skip=body.override_settings.get("CLIP_stop_at_last_layers"),
     )
     if kind == "txt2img":
         return request
-    mask = decode_image(body.mask, "mask", max_pixels) if body.mask else None
-    if mask is not None and body.inpainting_mask_invert:
-        from PIL import ImageOps
-
-        mask = ImageOps.invert(mask.convert("L"))
+    init = decode_image(body.init_images[0], "init_images", max_pixels)
+    mask = _mask(body, max_pixels)
+    if mask is not None and body.inpainting_fill == 0:
+        init = fill_masked(init, mask)
     return request.with_(
-        init_image=decode_image(body.init_images[0], "init_images", max_pixels),
+        init_image=init,
         mask=mask,
         strength=body.denoising_strength if body.denoising_strength is not None else 0.75,
     )
+
+
+def _mask(body: A1111Request, max_pixels: int):
+    """The mask as A1111 prepares it: inverted if asked, then blurred by mask_blur (x and y may differ)."""
+    if not body.mask:
+        return None
+    from PIL import ImageFilter, ImageOps
+
+    mask = decode_image(body.mask, "mask", max_pixels).convert("L")
+    if body.inpainting_mask_invert:
+        mask = ImageOps.invert(mask)
+    blur_x = body.mask_blur_x if body.mask_blur_x is not None else body.mask_blur or 0
+    blur_y = body.mask_blur_y if body.mask_blur_y is not None else body.mask_blur or 0
+    if blur_x or blur_y:
+        mask = mask.filter(ImageFilter.GaussianBlur((blur_x, blur_y)))
+    return mask
+
+
+def fill_masked(image, mask):
+    """A1111's 'fill' (inpainting_fill 0): the masked area starts from its surroundings blurred into it, not from
+    what was there, so the prompt can change it entirely. Blurs of growing radius of the kept pixels (in
+    premultiplied alpha, so the hole does not darken them) are layered, as A1111's modules/masking.py does."""
+    from PIL import Image, ImageFilter, ImageOps
+
+    image = image.convert("RGB")
+    kept = Image.new("RGBa", image.size)
+    kept.paste(image.convert("RGBA").convert("RGBa"), mask=ImageOps.invert(mask.convert("L")))
+    filled = Image.new("RGBA", image.size)
+    for radius, repeats in ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1)):
+        blurred = kept.filter(ImageFilter.GaussianBlur(radius)).convert("RGBA")
+        for _ in range(repeats):
+            filled.alpha_composite(blurred)
+    return filled.convert("RGB")
 
 
 # Our field names -> A1111's, so an error names the field the client sent.
@@ -124,44 +256,68 @@ _A1111_FIELDS = {
     "size": "width",
     "clip_skip": "override_settings.CLIP_stop_at_last_layers",
     "model": "override_settings.sd_model_checkpoint",
+    "vae": "override_settings.sd_vae",
 }
 
 
 def _run(
     services: Services, who: Principal, body: A1111Request, kind: str, idempotency_key: str | None = None
 ) -> dict[str, Any]:
-    """Queue the job and wait for it, as A1111's endpoints do (in the thread pool: the event loop stays free).
-    A client that retries with the same Idempotency-Key waits for the job it already paid for."""
+    """Queue the job(s) and wait, as A1111's endpoints do (in the thread pool: the event loop stays free): `n_iter`
+    batches, batch k from seed + k x batch_size, as A1111 numbers them. An interrupt (or a cancel) ends the call
+    with 200 and the batches finished so far, as A1111 answers. A client that retries with the same
+    Idempotency-Key waits for the jobs it already paid for."""
+    jobs: list[Job] = []
     try:
-        idempotency = Idempotency.of(idempotency_key, body.model_dump_json())
-        job = submit(services, who, to_request(services, body, kind), idempotency)
+        request = to_request(services, body, kind)
+        for k in range(body.n_iter):
+            batch = request
+            if k:
+                if request.seed is None:  # a random seed, drawn for the first batch: the others follow it
+                    batch = request.with_(seed=jobs[0].recipe.seed + k * request.batch_size)
+                else:
+                    batch = request.with_(seed=request.seed + k * request.batch_size)
+            key = None if idempotency_key is None else (idempotency_key if k == 0 else f"{idempotency_key}#{k}")
+            jobs.append(submit(services, who, batch, Idempotency.of(key, body.model_dump_json())))
     except SpellbookError as error:
+        for job in jobs:  # batch k could not be queued (e.g. credits ran out): the call does nothing, refunded
+            try:
+                services.queue.cancel(job.id, viewer=who.id, admin=who.admin)
+            except SpellbookError:
+                pass  # it ended meanwhile
         error.field = _A1111_FIELDS.get(error.field or "", error.field)
         raise
-    job = services.wait_final(job.id)
-    if job.state != "done":
-        error = job.error or {"code": job.state, "message": f"the job was {job.state}"}
-        raise SpellbookError(error.get("message", job.state), field=error.get("field"))
-    return _response(services, job, body)
+    finished = []
+    for job in jobs:
+        job = services.wait_final(job.id)
+        if job.state == "failed":
+            error = job.error or {"message": "the job failed"}
+            raise SpellbookError(error.get("message", job.state), field=error.get("field"))
+        finished.append(job)
+    return _response(services, finished, body)
 
 
-def _response(services: Services, job: Job, body: A1111Request) -> dict[str, Any]:
+def _response(services: Services, jobs: list[Job], body: A1111Request) -> dict[str, Any]:
     images, infotexts, seeds = [], [], []
-    for record in job.result["images"]:
-        path = services.settings.home / record["path"]
-        images.append(base64.b64encode(path.read_bytes()).decode())
-        infotexts.append(read_png_text(path).get("parameters", ""))
-        seeds.append(record["seed"])
-    recipe: Recipe = job.recipe
+    done = [job for job in jobs if job.state == "done"]
+    for job in done:
+        for record in job.result["images"]:
+            path = services.settings.home / record["path"]
+            if body.send_images:
+                images.append(base64.b64encode(path.read_bytes()).decode())
+            infotexts.append(read_png_text(path).get("parameters", ""))
+            seeds.append(record["seed"])
+    recipe: Recipe = jobs[0].recipe
+    count = len(seeds)
     info = {
         "prompt": recipe.prompt,
-        "all_prompts": [recipe.prompt] * len(images),
+        "all_prompts": [recipe.prompt] * count,
         "negative_prompt": recipe.negative_prompt,
-        "all_negative_prompts": [recipe.negative_prompt] * len(images),
+        "all_negative_prompts": [recipe.negative_prompt] * count,
         "seed": recipe.seed,
         "all_seeds": seeds,
         "subseed": -1,
-        "all_subseeds": [-1] * len(images),
+        "all_subseeds": [-1] * count,
         "subseed_strength": 0,
         "width": recipe.width,
         "height": recipe.height,
@@ -173,15 +329,20 @@ def _response(services: Services, job: Job, body: A1111Request) -> dict[str, Any
         "restore_faces": False,
         "sd_model_name": recipe.model.name,
         "sd_model_hash": recipe.model.sha256[:10],
+        "sd_vae_name": recipe.vae.name if recipe.vae else None,
         "denoising_strength": recipe.strength,
         "clip_skip": recipe.clip_skip,
         "extra_generation_params": {},
         "index_of_first_image": 0,
         "infotexts": infotexts,
         "styles": [],
-        "job_timestamp": str(int(job.created)),
+        "job_timestamp": str(int(jobs[0].created)),
         "version": f"spellbook {__version__}",
-        "spellbook_job": job.id,
+        "spellbook_job": jobs[0].id,
+        "spellbook_jobs": [job.id for job in jobs],
+        # Interrupted: the batches that finished are here; the one that was stopped has no image (Spellbook
+        # keeps no half-denoised picture: it could not be reproduced from its recipe).
+        "interrupted": len(done) < len(jobs),
     }
     return {"images": images, "parameters": body.model_dump(exclude={"init_images", "mask"}), "info": json.dumps(info)}
 
@@ -207,30 +368,74 @@ def get_options(request: Request, _who: Caller) -> dict[str, Any]:
     services = services_of(request)
     return {
         "sd_model_checkpoint": _title(services, services.default_model),
-        "CLIP_stop_at_last_layers": 1,
-        "samples_format": "png",
         "sd_checkpoint_hash": _hash(services, services.default_model),
+        "sd_vae": "Automatic",
+        "CLIP_stop_at_last_layers": 1,
+        "eta_noise_seed_delta": 0,
+        "samples_format": "png",
     }
 
 
+# A1111 options that would change every image, with the value at which they change nothing here. A client that
+# sends A1111's whole options dict back passes these at their defaults; another value is refused by name.
+_OPTION_DEFAULTS: dict[str, tuple[Any, ...]] = {
+    "sd_vae": ("Automatic", "None", None, ""),
+    "CLIP_stop_at_last_layers": (1, None),
+    "eta_noise_seed_delta": (0, None),
+    "eta_ancestral": (1, 1.0, None),
+    "eta_ddim": (0, 0.0, None),
+    "s_churn": (0, 0.0, None),
+    "s_tmin": (0, 0.0, None),
+    "s_noise": (1, 1.0, None),
+    "s_min_uncond": (0, 0.0, None),
+    "sigma_min": (0, 0.0, None),
+    "sigma_max": (0, 0.0, None),
+    "rho": (0, 0.0, None),
+    "initial_noise_multiplier": (1, 1.0, None),
+    "token_merging_ratio": (0, 0.0, None),
+    "emphasis": ("Original", None),
+    "sd_noise_schedule": ("Default", None),
+    "img2img_color_correction": (False, None),
+    "samples_format": ("png", None),
+}
+
+
 @router.post("/options")
-def set_options(options: dict[str, Any], request: Request, who: Caller) -> dict[str, Any]:
-    """Only `sd_model_checkpoint` (the server's default model, kept across restarts; admin only when auth is on)
-    can be set. Everything is checked before anything changes."""
+def set_options(options: dict[str, Any], request: Request, response: Response, who: Caller) -> dict[str, Any]:
+    """A1111's options, as clients send them (often the whole dict from GET, with one key changed). Applied:
+    `sd_model_checkpoint` (the server's default model, kept across restarts; admin only when auth is on).
+    Options that would change images are accepted at their A1111 defaults and refused otherwise; read-only and
+    unknown ones change nothing and are listed in the `X-Spellbook-Ignored-Options` header. Everything is
+    checked before anything changes: all or nothing."""
     services = services_of(request)
-    unknown = sorted(set(options) - {"sd_model_checkpoint", "CLIP_stop_at_last_layers", "samples_format"})
-    if unknown:
-        raise UserError(f"option {unknown[0]!r} cannot be set on Spellbook", field=unknown[0])
+    ignored = []
+    for key, value in options.items():
+        if key == "sd_model_checkpoint":
+            continue
+        if key in _OPTION_DEFAULTS:
+            if value not in _OPTION_DEFAULTS[key]:
+                raise UserError(
+                    f"option {key}={value!r} would change every image and Spellbook does not apply it server-wide",
+                    field=key,
+                    hint="per request, send it in override_settings where supported (sd_vae, CLIP_stop_at_last_layers)",
+                )
+        else:
+            ignored.append(key)  # read-only (sd_checkpoint_hash) or an option with no effect here
+    name = None
     if "sd_model_checkpoint" in options:
-        if not who.admin:
-            raise Forbidden("only an admin can change the server's default model", field="sd_model_checkpoint")
         name = _title_to_name(str(options["sd_model_checkpoint"]))
-        try:
-            services.studio.model_info(name, allow_paths=False)
-        except SpellbookError as error:
-            error.field = "sd_model_checkpoint"
-            raise
+        if name != services.default_model:
+            if not who.admin:
+                raise Forbidden("only an admin can change the server's default model", field="sd_model_checkpoint")
+            try:
+                services.studio.model_info(name, allow_paths=False)
+            except SpellbookError as error:
+                error.field = "sd_model_checkpoint"
+                raise
+    if name is not None and name != services.default_model:
         services.set_default_model(name)
+    if ignored:
+        response.headers["X-Spellbook-Ignored-Options"] = ", ".join(sorted(ignored))[:2000]
     return {}
 
 
@@ -269,7 +474,7 @@ def sd_models(request: Request, _who: Caller) -> list[dict[str, Any]]:
 
 @router.get("/samplers")
 def samplers(_who: Caller) -> list[dict[str, Any]]:
-    return [{"name": name, "aliases": [], "options": {}} for name in SAMPLERS]
+    return [{"name": name, "aliases": list(SAMPLER_ALIASES.get(name, ())), "options": {}} for name in SAMPLERS]
 
 
 @router.get("/schedulers")
@@ -331,7 +536,7 @@ def progress(request: Request, who: Caller) -> dict[str, Any]:
         "sampling_step": 0,
         "sampling_steps": 0,
     }
-    current, fraction = None, 0.0
+    current, fraction, eta = None, 0.0, 0.0
     if running:
         job = running[0]
         live = services.live(job.id)
@@ -342,9 +547,12 @@ def progress(request: Request, who: Caller) -> dict[str, Any]:
             state.update(sampling_step=live.step, sampling_steps=live.total)
             if live.preview:
                 current = base64.b64encode(live.preview).decode()
+        if job.started and fraction > 0:  # as A1111 estimates it: elapsed / progress - elapsed
+            elapsed = max(0.0, time.time() - job.started)
+            eta = elapsed / fraction - elapsed
     return {
         "progress": round(fraction, 4),
-        "eta_relative": 0.0,
+        "eta_relative": round(eta, 2),
         "state": state,
         "current_image": current,
         "textinfo": None,
@@ -353,15 +561,180 @@ def progress(request: Request, who: Caller) -> dict[str, Any]:
 
 @router.post("/interrupt")
 def interrupt(request: Request, who: Caller) -> dict[str, Any]:
-    """Cancel the caller's running jobs (all running jobs for the local user)."""
-    services = services_of(request)
+    """Stop the caller's generation (all of the local user's when auth is off): the running batch and the
+    queued ones. The waiting txt2img/img2img call answers 200 with the batches already finished."""
+    _cancel(services_of(request), who, ("running", "queued"))
+    return {}
+
+
+def _cancel(services: Services, who: Principal, states: tuple[str, ...]) -> None:
     for job in services.queue.list(owner=who.id, all_users=who.user is None, limit=200):
-        if job.state == "running":
+        if job.state in states:
             try:
                 services.queue.cancel(job.id, viewer=who.id, admin=who.admin)
             except Conflict:
                 pass  # it finished meanwhile
+
+
+# --- the rest of A1111's API surface that clients call: lists in A1111's shape (empty where Spellbook has none of
+# that kind), refreshes (nothing is cached here that a refresh would renew), and clear 501s for actions
+# Spellbook does not have.
+
+
+@router.get("/sd-vae")
+def sd_vae(request: Request, _who: Caller) -> list[dict[str, Any]]:
+    """The VAEs in SPELLBOOK_HOME/vae (a folder with config.json, or a .safetensors), usable as
+    override_settings.sd_vae."""
+    folder = services_of(request).settings.home / "vae"
+    found = []
+    if folder.is_dir():
+        for path in sorted(folder.iterdir()):
+            if (path.is_dir() and (path / "config.json").is_file()) or path.suffix == ".safetensors":
+                found.append({"model_name": path.stem if path.is_file() else path.name, "filename": path.name})
+    return found
+
+
+@router.get("/upscalers")
+def upscalers(_who: Caller) -> list[dict[str, Any]]:
+    """The plain resamplers A1111 always has (no AI upscaler is installed here)."""
+    return [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4} for name in _RESAMPLERS]
+
+
+_RESAMPLERS = {"None": None, "Lanczos": "LANCZOS", "Nearest": "NEAREST"}
+
+
+@router.get("/latent-upscale-modes")
+def latent_upscale_modes(_who: Caller) -> list[dict[str, Any]]:
+    return []  # they are hires-fix modes, and Spellbook has no hires fix yet
+
+
+@router.get("/loras")
+def loras(_who: Caller) -> list[dict[str, Any]]:
+    return []  # LoRA is not supported yet (a <lora:…> tag is refused by name)
+
+
+@router.get("/hypernetworks")
+def hypernetworks(_who: Caller) -> list[dict[str, Any]]:
+    return []
+
+
+@router.get("/face-restorers")
+def face_restorers(_who: Caller) -> list[dict[str, Any]]:
+    return []
+
+
+@router.get("/realesrgan-models")
+def realesrgan_models(_who: Caller) -> list[dict[str, Any]]:
+    return []
+
+
+@router.get("/prompt-styles")
+def prompt_styles(_who: Caller) -> list[dict[str, Any]]:
+    return []  # styles are not supported yet (a request with styles is refused by name)
+
+
+@router.post("/refresh-checkpoints")
+@router.post("/refresh-vae")
+@router.post("/refresh-loras")
+@router.post("/refresh-embeddings")
+@router.post("/unload-checkpoint")
+@router.post("/reload-checkpoint")
+def refresh(_who: Caller) -> dict[str, Any]:
+    """Nothing to do: models, VAEs and concepts are read from their folders on every request, and weights are
+    loaded by the worker when a job needs them (the API process holds none)."""
     return {}
+
+
+@router.post("/skip")
+def skip(request: Request, who: Caller) -> dict[str, Any]:
+    """Stop the caller's running batch; an A1111 request with n_iter goes on with its next batch."""
+    _cancel(services_of(request), who, ("running",))
+    return {}
+
+
+@router.get("/memory")
+def memory(_who: Caller) -> dict[str, Any]:
+    ram: dict[str, Any] = {}
+    try:
+        info = dict(line.split(":", 1) for line in open("/proc/meminfo", encoding="ascii").read().splitlines())
+        total = int(info["MemTotal"].split()[0]) * 1024
+        free = int(info["MemAvailable"].split()[0]) * 1024
+        ram = {"free": free, "used": total - free, "total": total}
+    except (OSError, KeyError, ValueError):
+        ram = {"error": "memory figures are not available on this system"}
+    return {"ram": ram, "cuda": {"error": "no CUDA device in the API process (the worker runs the models)"}}
+
+
+@router.get("/cmd-flags")
+def cmd_flags(request: Request, _who: Caller) -> dict[str, Any]:
+    settings = services_of(request).settings
+    return {"api": True, "nowebui": False, "listen": settings.host not in ("127.0.0.1", "localhost", "::1"),
+            "port": settings.port, "api_auth": services_of(request).auth, "medvram": False, "lowvram": False}  # fmt: skip
+
+
+@router.post("/interrogate", status_code=501)
+def interrogate(_who: Caller) -> dict[str, Any]:
+    raise NotImplemented_("interrogate needs a captioning model (CLIP or BLIP interrogator), and none is installed")
+
+
+class ExtrasRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    image: str = ""
+    resize_mode: int = Field(0, ge=0, le=1, description="0: by upscaling_resize; 1: to upscaling_resize_w x _h")
+    upscaling_resize: float = Field(2, gt=0, le=8)
+    upscaling_resize_w: int = Field(512, ge=1, le=16_384)
+    upscaling_resize_h: int = Field(512, ge=1, le=16_384)
+    upscaling_crop: bool = True
+    upscaler_1: str = "None"
+    upscaler_2: str = "None"
+    extras_upscaler_2_visibility: float = 0
+    gfpgan_visibility: float = 0
+    codeformer_visibility: float = 0
+    codeformer_weight: float = 0
+    show_extras_results: bool = True
+
+
+class ExtrasBatchRequest(ExtrasRequest):
+    imageList: list[dict[str, str]] = Field(default_factory=list)  # noqa: N815 (A1111's name)
+
+
+def _extras_image(services: Services, body: ExtrasRequest, data: str) -> str:
+    """A1111's extras with the plain resamplers it always has: resize by a factor or to a size."""
+    from PIL import Image
+
+    for name in ("gfpgan_visibility", "codeformer_visibility", "extras_upscaler_2_visibility"):
+        if getattr(body, name):
+            raise UserError(f"{name}: face restoration and a second upscaler are not available here", field=name)
+    for name in ("upscaler_1", "upscaler_2"):
+        if getattr(body, name) not in _RESAMPLERS:
+            raise UserError(
+                f"upscaler {getattr(body, name)!r} is not installed; available: {', '.join(_RESAMPLERS)}", field=name
+            )
+    image = decode_image(data, "image", services.settings.max_pixels).convert("RGB")
+    if body.resize_mode == 1:
+        size = (body.upscaling_resize_w, body.upscaling_resize_h)
+    else:
+        size = (round(image.width * body.upscaling_resize), round(image.height * body.upscaling_resize))
+    if size[0] * size[1] > services.settings.max_pixels:
+        raise TooLarge(f"{size[0]}x{size[1]} is over the pixel cap", field="upscaling_resize")
+    resample = _RESAMPLERS[body.upscaler_1]
+    if resample is not None and size != image.size:
+        image = image.resize(size, getattr(Image.Resampling, resample))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+@router.post("/extra-single-image")
+def extra_single_image(body: ExtrasRequest, request: Request, _who: Caller) -> dict[str, Any]:
+    return {"html_info": "", "image": _extras_image(services_of(request), body, body.image)}
+
+
+@router.post("/extra-batch-images")
+def extra_batch_images(body: ExtrasBatchRequest, request: Request, _who: Caller) -> dict[str, Any]:
+    services = services_of(request)
+    return {"html_info": "", "images": [_extras_image(services, body, item.get("data", "")) for item in body.imageList]}
 
 
 class PngInfoRequest(BaseModel):
@@ -373,7 +746,7 @@ def png_info(body: PngInfoRequest, request: Request, _who: Caller) -> dict[str, 
     """The text chunks of a PNG and its A1111 parameters, parsed (ours, A1111's and ComfyUI's images)."""
     image = decode_image(body.image, "image", services_of(request).settings.max_pixels)
     chunks = read_png_text(image)
-    text = chunks.get("parameters", "")
+    text = chunks.pop("parameters", "")  # A1111 shows it as `info`, not among the other items
     parameters: dict[str, Any] = {}
     if text:
         prompt, negative, params = parse_infotext(text)

@@ -224,7 +224,10 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
 
     @app.exception_handler(SpellbookError)
     async def spellbook_error(_request: Request, exc: SpellbookError):
-        return JSONResponse(exc.to_dict(), status_code=exc.http_status)
+        # A 401 says how to authenticate (RFC 9110). Bearer only: a Basic challenge would make browsers pop up a
+        # password dialog over the web UI's own sign-in (A1111 clients send Basic credentials unasked anyway).
+        headers = {"WWW-Authenticate": 'Bearer realm="spellbook"'} if exc.http_status == 401 else None
+        return JSONResponse(exc.to_dict(), status_code=exc.http_status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
