@@ -235,6 +235,29 @@ def test_reproducing_an_a1111_image_uses_its_recorded_model_or_says_it_is_missin
     )
 
 
+def test_reproduce_refuses_a1111_settings_it_cannot_honour_unless_lenient(cli, tmp_path):
+    from spellbook.infotext import write_png_text
+
+    path = tmp_path / "hires.png"
+    params = (
+        "Steps: 3, Sampler: Euler a, CFG scale: 7, Seed: 1234, Size: 16x16, Model: tiny, Version: v1.10.1, "
+        "ENSD: 0, Hires upscale: 2, Hires steps: 15, Hires upscaler: Latent, Variation seed: 12345, "
+        'Variation seed strength: 0.3, Lora hashes: "add_detail: 7c6bad76eb54"'
+    )
+    write_png_text(Image.new("RGB", (16, 16)), path, {"parameters": f"a red circle\n{params}"})
+    code, _, err = cli("reproduce", path, "--out", tmp_path / "o")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    for key in ("Hires upscale", "Hires steps", "Variation seed strength", "Lora hashes"):
+        assert key in err, key
+    assert "Version" not in err and "ENSD" not in err  # harmless, and at its default
+    code, out, err = cli("reproduce", path, "--lenient", "--out", tmp_path / "o")
+    assert code == 0 and "warning: dropped Hires upscale: 2" in err and "warning: dropped Lora hashes" in err
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (8, 8)).save(plain)
+    code, out, err = cli("info", plain, "--json")
+    assert code == 2 and out == "" and "carries no recipe" in err
+
+
 def test_models_add_checks_the_file_first_and_rm_takes_it_out(cli, tmp_path):
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\xff" * 64)

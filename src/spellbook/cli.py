@@ -339,6 +339,8 @@ def info(
     from spellbook.provenance import infotext, read_metadata
 
     meta = read_metadata(image)
+    if meta.recipe is None and meta.foreign is None:  # exit 2 with --json too: a script must not read "none" as a recipe
+        raise UserError(f"{image} carries no recipe (no Spellbook, A1111 or ComfyUI metadata)", field="image")
     if as_json:
         data = {
             "source": meta.source,
@@ -351,11 +353,9 @@ def info(
     if meta.recipe is not None:
         typer.echo(infotext(meta.recipe))
         typer.echo(f"(source: spellbook; full recipe: spellbook info --json {image})")
-    elif meta.foreign is not None:
+    else:
         typer.echo(meta.chunks.get("parameters") or json.dumps(meta.foreign, ensure_ascii=False, indent=2))
         typer.echo(f"(source: {meta.source})")
-    else:
-        raise UserError(f"{image} carries no recipe (no Spellbook, A1111 or ComfyUI metadata)", field="image")
 
 
 @app.command()
@@ -364,12 +364,22 @@ def reproduce(
     model: Annotated[str | None, typer.Option(help="Run with this model instead of the recorded one.")] = None,
     out: Out = Path("out"),
     as_json: Json = False,
+    lenient: Annotated[
+        bool, typer.Option("--lenient", help="Run an A1111 image without the settings Spellbook lacks (warned).")
+    ] = False,
 ) -> None:
     """Run an image's recipe again."""
     studio = _studio()
     bar, callback = _progress_bar("reproduce", not as_json and sys.stderr.isatty())
     with bar:
-        result = studio.reproduce(image, model=model, on_step=callback)
+        result = studio.reproduce(image, model=model, on_step=callback, lenient=lenient)
+    if lenient:
+        from spellbook.provenance import read_metadata
+        from spellbook.studio import unhonoured_settings
+
+        foreign = read_metadata(image).foreign or {}
+        for key, value in unhonoured_settings(foreign.get("extra") or {}).items():
+            typer.echo(f"warning: dropped {key}: {value} (Spellbook cannot honour it; the image will differ)", err=True)
     saved = studio.save([result], out)[0]
     if as_json:
         _echo_json({"path": str(saved.path), "recipe": saved.recipe.to_dict()})

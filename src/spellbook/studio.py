@@ -39,6 +39,28 @@ from spellbook.recipe import Build, ImageRequest, InputRef, Limits, ModelRef, Re
 from spellbook.settings import Settings
 
 _NUMBERED = re.compile(r"^(\d{5})-")
+# A1111 infotext keys that change nothing Spellbook would compute differently: versions, hashes recorded for
+# reference, the style templates already expanded into the prompt.
+_HARMLESS_A1111 = {"Version", "Template", "Negative Template", "Styles array", "Hashes", "User", "Comments",
+                   "App", "Emphasis", "Schedule max sigma", "Schedule min sigma", "Schedule rho"}  # fmt: skip
+# Keys whose value at A1111's default changes nothing.
+_DEFAULT_A1111 = {"ENSD": "0", "Eta": "1", "Eta DDIM": "0", "Variation seed strength": "0", "Token merging ratio": "0",
+                  "Noise multiplier": "1", "Emphasis": "Original", "RNG": "CPU"}  # fmt: skip
+
+
+def unhonoured_settings(extra: Mapping[str, str]) -> dict[str, str]:
+    """The A1111 infotext keys of an image that Spellbook cannot honour (all but the harmless ones and those at
+    A1111's default): hires fix, LoRA, variation seeds, face restoration, a different noise source, …"""
+    found = {}
+    for key, value in extra.items():
+        if key in _HARMLESS_A1111 and key not in _DEFAULT_A1111:
+            continue
+        if key in _DEFAULT_A1111 and str(value).strip() == _DEFAULT_A1111[key]:
+            continue
+        if key == "Variation seed" and str(extra.get("Variation seed strength", "0")).strip() in ("0", "0.0"):
+            continue
+        found[key] = value
+    return found
 DEFAULT_MODEL = "shapes"
 
 
@@ -223,8 +245,10 @@ class Studio:
         ]
 
     # ------------------------------------------------------------------------------------ provenance
-    def recipe_of(self, path: Path, model: str | None = None) -> Recipe:
-        """The recipe inside an image, ready to run again (ours exactly; A1111/ComfyUI as far as they say)."""
+    def recipe_of(self, path: Path, model: str | None = None, *, lenient: bool = False) -> Recipe:
+        """The recipe inside an image, ready to run again (ours exactly; A1111/ComfyUI as far as they say). An
+        A1111 setting Spellbook cannot honour (hires fix, LoRA, variation seeds, …) is an error naming it; with
+        `lenient` it is dropped (`unhonoured_settings` names them, for the caller to warn about)."""
         meta = read_metadata(path)
         if meta.recipe is not None:
             recipe = meta.recipe
@@ -249,12 +273,22 @@ class Studio:
             # The model the other tool recorded, by name (A1111: "Model", ComfyUI: the checkpoint file), unless
             # the user names one; never silently another model.
             recorded = Path(str(meta.foreign["model"])).stem if meta.foreign.get("model") else None
+            unhonoured = unhonoured_settings(meta.foreign.get("extra") or {})
+            if unhonoured and not lenient:
+                listed = ", ".join(f"{key}: {value}" for key, value in unhonoured.items())
+                raise UserError(
+                    f"{path.name} was made with settings Spellbook cannot reproduce ({listed}); nothing was run",
+                    field="image",
+                    hint="pass --lenient to run it without them (the result will differ)",
+                )
             return self.plan(request_from_foreign(meta.foreign, model or recorded))
         raise UserError(f"{path} carries no recipe (no Spellbook, A1111 or ComfyUI metadata)", field="image")
 
-    def reproduce(self, path: Path, model: str | None = None, on_step: StepCallback | None = None) -> Result:
+    def reproduce(
+        self, path: Path, model: str | None = None, on_step: StepCallback | None = None, *, lenient: bool = False
+    ) -> Result:
         """Run the recipe again: the whole batch, as it ran, and keep this image's place in it."""
-        recipe = self.recipe_of(path, model)
+        recipe = self.recipe_of(path, model, lenient=lenient)
         results = self.run(recipe.with_(build=self.build()), model=model, on_step=on_step)
         return results[recipe.batch_index]
 
