@@ -486,3 +486,21 @@ def test_garbled_comfyui_graphs_never_raise():
         }
         recipe = read_foreign_recipe(chunks)
         assert recipe is None or recipe["source"] == "comfyui"
+
+
+@pytest.mark.parametrize("fmt, encoding", [("JPEG", "utf-16-be"), ("WEBP", "utf-16-be"), ("JPEG", "utf-16-le")])
+def test_a1111_jpeg_and_webp_infotext_is_read_from_exif_user_comment(tmp_path, fmt, encoding):
+    """A1111 writes its infotext into EXIF UserComment for JPEG and WebP (piexif, 'UNICODE' + UTF-16)."""
+    from spellbook.infotext import read_foreign_recipe, read_png_text
+
+    text = "an otter, (hat:1.2)\nNegative prompt: blurry\nSteps: 3, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 1234, Size: 16x16, Model: v1-5"
+    exif = Image.Exif()
+    exif.get_ifd(0x8769)[0x9286] = b"UNICODE\0" + text.encode(encoding)
+    path = tmp_path / f"a1111.{fmt.lower()}"
+    Image.new("RGB", (16, 16)).save(path, format=fmt, exif=exif)
+    found = read_foreign_recipe(read_png_text(path))
+    assert found["source"] == "a1111" and found["prompt"] == "an otter, (hat:1.2)" and found["seed"] == 1234
+    assert (found["sampler"], found["schedule"], found["negative_prompt"]) == ("DPM++ 2M", "Karras", "blurry")
+    plain = tmp_path / f"plain.{fmt.lower()}"
+    Image.new("RGB", (16, 16)).save(plain, format=fmt)
+    assert read_png_text(plain) == {}

@@ -220,9 +220,10 @@ def write_png_text(image: Image.Image, path: str | os.PathLike[str], chunks: dic
 
 
 def read_png_text(path_or_image: str | os.PathLike[str] | Image.Image) -> dict[str, str]:
-    """Every text chunk (tEXt, zTXt, iTXt) of a PNG, including those after the image data.
+    """Every text chunk (tEXt, zTXt, iTXt) of a PNG, including those after the image data; for a JPEG or WebP,
+    the A1111 infotext in its EXIF UserComment, as `parameters` (where A1111 writes it for those formats).
 
-    Returns {} for an image that is not a PNG: it has no PNG text to read.
+    Returns {} for an image with neither.
     """
     if isinstance(path_or_image, Image.Image):
         return _text_of(path_or_image)
@@ -233,9 +234,39 @@ def read_png_text(path_or_image: str | os.PathLike[str] | Image.Image) -> dict[s
 def _text_of(image: Image.Image) -> dict[str, str]:
     # PngImageFile.text loads the image first, because chunks after IDAT are only seen once it is read.
     text = getattr(image, "text", None)
-    if not isinstance(text, Mapping):
-        return {}
-    return {str(key): str(value) for key, value in text.items()}
+    if isinstance(text, Mapping) and text:
+        return {str(key): str(value) for key, value in text.items()}
+    comment = exif_user_comment(image)
+    return {"parameters": comment} if comment else {}
+
+
+_EXIF_IFD, _USER_COMMENT = 0x8769, 0x9286
+
+
+def exif_user_comment(image: Image.Image) -> str | None:
+    """The EXIF UserComment of an image (A1111 stores its infotext there in JPEG and WebP files), decoded by
+    its 8-byte character-code prefix: UNICODE (UTF-16, big-endian as piexif writes it, or with a BOM), ASCII,
+    or undefined (tried as UTF-8)."""
+    try:
+        value = image.getexif().get_ifd(_EXIF_IFD).get(_USER_COMMENT)
+    except Exception:  # a malformed EXIF block is no comment, never a crash  # noqa: BLE001
+        return None
+    if isinstance(value, str):
+        return value.strip("\0") or None
+    if not isinstance(value, bytes) or len(value) <= 8:
+        return None
+    code, data = value[:8], value[8:]
+    if code.startswith(b"UNICODE"):
+        if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+            text = data.decode("utf-16", errors="replace")
+        else:
+            # piexif writes big-endian; a writer on a little-endian machine may not: the one whose text has
+            # fewer NULs where ASCII would have them is right.
+            big, little = data.decode("utf-16-be", errors="replace"), data.decode("utf-16-le", errors="replace")
+            text = big if sum(ch < "\u0100" for ch in big) >= sum(ch < "\u0100" for ch in little) else little
+    else:
+        text = data.decode("utf-8", errors="replace")
+    return text.strip("\0").strip() or None
 
 
 # --- foreign recipes ----------------------------------------------------------------------------------------
