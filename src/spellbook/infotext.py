@@ -52,7 +52,9 @@ _SIZE_RE = re.compile(r"^\s*(\d+)\s*[x×]\s*(\d+)\s*$")
 
 
 # ComfyUI sampler_name -> A1111 sampler name. Names not listed are kept verbatim: a guess would be worse
-# than an honest unknown (e.g. the *_gpu variants draw noise differently).
+# than an honest unknown. The *_gpu variants are the same samplers with their Brownian noise drawn on the GPU:
+# the algorithm is the one named (a ComfyUI image never reproduces bit for bit here anyway: its noise is
+# ComfyUI's).
 COMFY_SAMPLERS = {
     "euler": "Euler",
     "euler_ancestral": "Euler a",
@@ -63,7 +65,10 @@ COMFY_SAMPLERS = {
     "dpmpp_2m": "DPM++ 2M",
     "dpmpp_sde": "DPM++ SDE",
     "dpmpp_2m_sde": "DPM++ 2M SDE",
+    "dpmpp_2m_sde_gpu": "DPM++ 2M SDE",
+    "dpmpp_sde_gpu": "DPM++ SDE",
     "dpmpp_3m_sde": "DPM++ 3M SDE",
+    "dpmpp_3m_sde_gpu": "DPM++ 3M SDE",
     "dpm_fast": "DPM fast",
     "dpm_adaptive": "DPM adaptive",
     "lcm": "LCM",
