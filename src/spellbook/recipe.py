@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import json
 import random
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
@@ -451,6 +452,7 @@ class ImageRequest:
 
 
 _REQUEST_ONLY = {"model", "vae", "init_image", "mask", "init_image_path", "mask_path"}
+_AND = re.compile(r"\bAND\b")  # A1111's separator of composable prompts (modules/prompt_parser.py re_AND)
 
 
 def make_recipe(
@@ -473,6 +475,15 @@ def make_recipe(
     """
     if not isinstance(request, ImageRequest):
         request = ImageRequest.from_dict(request)
+    for text, field_name in ((request.prompt, "prompt"), (request.negative_prompt, "negative_prompt")):
+        if _AND.search(text):
+            # A1111 splits prompts on AND (composable diffusion); encoding it as a word would draw something else.
+            raise UserError(
+                "AND (composable diffusion: several prompts, each its own conditioning) is not supported yet; "
+                "nothing was run",
+                field=field_name,
+                hint="write one prompt, or switch between prompts with [from:to:when] or alternate with [a|b]",
+            )
     if (request.init_image is not None and init_image is None) or (request.mask is not None and mask is None):
         raise ValueError("make_recipe takes image inputs as refs: store them first (Studio.plan does) and pass them")
     chosen = {

@@ -21,7 +21,14 @@ from PIL import Image, ImageFilter
 
 from spellbook.engine.guards import check_images
 from spellbook.engine.noise import image_generators, initial_latents
-from spellbook.engine.prompts import check_concepts, encode_prompt_pair, prompt_signature
+from spellbook.engine.prompts import (
+    ConceptTokens,
+    check_concepts,
+    chunk_count,
+    encode_prompt_pair,
+    prompt_signature,
+)
+from spellbook.engine.schedule import prompt_schedule, text_at_step
 from spellbook.engine.samplers import SAMPLER_SPECS, make_scheduler
 from spellbook.errors import Cancelled, UserError
 from spellbook.models.components import Components
@@ -50,6 +57,15 @@ class _Slice:
     negative: torch.Tensor
     start: int
     count: int
+    # Prompt editing / alternation: ((last_step, positive, negative), …) when the conditioning changes between
+    # steps (engine/schedule.py); `positive`/`negative` are then step 1's.
+    schedule: tuple = ()
+
+    def at_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        for last, positive, negative in self.schedule:
+            if step <= last:
+                return positive, negative
+        return (self.schedule[-1][1], self.schedule[-1][2]) if self.schedule else (self.positive, self.negative)
 
 
 def generate(
@@ -89,10 +105,10 @@ def generate(
     init_image, mask = _check_inputs(components, first, inputs)
     concepts = _concepts(components, first, inputs)
     # 2. Encode each prompt once (A1111 syntax, long prompts, concepts); a repeated prompt comes from the cache.
-    slices = [
-        _Slice(index, recipe, *encode_conditioning(components, recipe, concepts), 0, recipe.batch_size)
-        for index, recipe in enumerate(recipes)
-    ]
+    slices = []
+    for index, recipe in enumerate(recipes):
+        schedule = scheduled_conditioning(components, recipe, concepts)
+        slices.append(_Slice(index, recipe, schedule[0][1], schedule[0][2], 0, recipe.batch_size, schedule))
     # 3. Plan the forward passes: prompts of different lengths (75-token chunks) cannot share a tensor; a batch
     #    whose sampler draws one noise stream for all images runs image by image (batch invariance).
     by_shape: dict[tuple[int, ...], list[_Slice]] = {}
@@ -100,7 +116,9 @@ def generate(
         by_shape.setdefault(tuple(piece.positive.shape), []).append(piece)
     passes = list(by_shape.values())
     if not SAMPLER_SPECS[first.sampler].batch_invariant:
-        passes = [[_Slice(x.index, x.recipe, x.positive, x.negative, i, 1)] for x in slices for i in range(x.count)]
+        passes = [
+            [_Slice(x.index, x.recipe, x.positive, x.negative, i, 1, x.schedule)] for x in slices for i in range(x.count)
+        ]
     # 4. Denoise and decode pass after pass; the step count runs on across passes.
     pieces: list[list[np.ndarray]] = [[] for _ in recipes]
     for number, group in enumerate(passes):
@@ -118,17 +136,26 @@ def generate(
 
 
 def encode_conditioning(
-    components: Components, recipe: Recipe, concepts: dict[str, torch.Tensor]
+    components: Components,
+    recipe: Recipe,
+    concepts: dict[str, torch.Tensor],
+    prompt: str | None = None,
+    negative_prompt: str | None = None,
+    min_chunks: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The recipe's (positive, negative) prompt embeddings, each (1, 77 * chunks, width), through the components'
-    prompt cache: keyed by model, text-encoder state, the concepts' vectors, prompts and clip skip."""
+    prompt cache: keyed by model, text-encoder state, the concepts' vectors, prompts and clip skip. `prompt` and
+    `negative_prompt` replace the recipe's (one step's text of a scheduled prompt)."""
+    prompt = recipe.prompt if prompt is None else prompt
+    negative_prompt = recipe.negative_prompt if negative_prompt is None else negative_prompt
     key = prompt_signature(
         components.ref.sha256,
         components.text_encoder,
-        recipe.prompt,
-        recipe.negative_prompt,
+        prompt,
+        negative_prompt,
         recipe.clip_skip,
         concepts,
+        min_chunks,
     )
     return components.prompt_cache.get_or_encode(
         key,
@@ -136,11 +163,32 @@ def encode_conditioning(
         lambda: encode_prompt_pair(
             components.tokenizer,
             components.text_encoder,
-            recipe.prompt,
-            recipe.negative_prompt,
+            prompt,
+            negative_prompt,
             recipe.clip_skip,
             concepts,
+            min_chunks,
         ),
+    )
+
+
+def scheduled_conditioning(
+    components: Components, recipe: Recipe, concepts: dict[str, torch.Tensor]
+) -> tuple[tuple[int, torch.Tensor, torch.Tensor], ...]:
+    """((last_step, positive, negative), …): the conditioning of each stretch of steps. One entry, the prompts
+    as written, unless prompt editing or alternation (`[a:b:0.5]`, `[a|b]`) changes the text between steps;
+    then every text is encoded to the same number of chunks, so one step's can replace another's."""
+    steps = recipe.steps
+    positive, negative = prompt_schedule(recipe.prompt, steps), prompt_schedule(recipe.negative_prompt, steps)
+    if positive == ((steps, recipe.prompt),) and negative == ((steps, recipe.negative_prompt),):
+        return ((steps, *encode_conditioning(components, recipe, concepts)),)
+    lasts = sorted({last for last, _ in positive} | {last for last, _ in negative})
+    texts = [(last, text_at_step(positive, last), text_at_step(negative, last)) for last in lasts]
+    tokens = ConceptTokens.build(concepts, components.text_encoder.get_input_embeddings().num_embeddings)
+    chunks = max(chunk_count(components.tokenizer, text, tokens) for _, *pair in texts for text in pair)
+    return tuple(
+        (last, *encode_conditioning(components, recipe, concepts, pos, neg, min_chunks=chunks))
+        for last, pos, neg in texts
     )
 
 
@@ -249,9 +297,11 @@ def _denoise(
     recipe = first.recipe
     # 1. The pipeline; a Brownian-tree sampler (DPM++ SDE) seeds its tree from the pass's first image.
     pipe = _pipeline(components, recipe, noise_seed=recipe.seed + first.start)
-    # 2. Each image's prompt embeddings, in order.
+    # 2. Each image's prompt embeddings, in order (step 1's, when a prompt changes between steps).
     positive = torch.cat([piece.positive.repeat(piece.count, 1, 1) for piece in group])
     negative = torch.cat([piece.negative.repeat(piece.count, 1, 1) for piece in group])
+    if any(len(piece.schedule) > 1 for piece in group):
+        on_step_end = _with_schedule(on_step_end, group)
     # 3. Per-image generators on the CPU: seed + index. They also feed ancestral samplers' noise.
     generators = [
         g for piece in group for g in image_generators(piece.recipe.seed, piece.count, first_index=piece.start)
@@ -264,6 +314,7 @@ def _denoise(
         "generator": generators,
         "output_type": "np",
         "callback_on_step_end": on_step_end,
+        "callback_on_step_end_tensor_inputs": ["latents", "prompt_embeds"],
     }
     # 4. Denoise and decode.
     with torch.inference_mode():
@@ -287,6 +338,25 @@ def _denoise(
                 **common,
             )
     return result.images
+
+
+def _with_schedule(on_step_end: Callable[..., dict], group: list[_Slice]) -> Callable[..., dict]:
+    """Wrap a step callback so that after loop step i the pipeline conditions step i + 2 (1-based, as A1111 counts
+    sampler steps) with that step's embeddings: diffusers re-reads `prompt_embeds` from the callback's result,
+    [negative; positive] stacked when it guides."""
+
+    def step_end(pipe, step_index, timestep, callback_kwargs):
+        callback_kwargs = on_step_end(pipe, step_index, timestep, callback_kwargs)
+        step = step_index + 2
+        pairs = [piece.at_step(step) for piece in group]
+        positive = torch.cat([pos.repeat(piece.count, 1, 1) for piece, (pos, _) in zip(group, pairs, strict=True)])
+        negative = torch.cat([neg.repeat(piece.count, 1, 1) for piece, (_, neg) in zip(group, pairs, strict=True)])
+        embeds = torch.cat([negative, positive]) if pipe.do_classifier_free_guidance else positive
+        current = callback_kwargs["prompt_embeds"]
+        callback_kwargs["prompt_embeds"] = embeds.to(device=current.device, dtype=current.dtype)
+        return callback_kwargs
+
+    return step_end
 
 
 def _overlay(images: np.ndarray, init_image: Image.Image, mask: Image.Image, blur: int = 0) -> np.ndarray:

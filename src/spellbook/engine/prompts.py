@@ -354,15 +354,17 @@ def encode_prompt_pair(
     negative_prompt: str,
     clip_skip: int = 1,
     concepts: Mapping[str, torch.Tensor] | None = None,
+    min_chunks: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positive and negative conditioning with the same number of chunks (so they batch together).
+    """Positive and negative conditioning with the same number of chunks (so they batch together), at least
+    `min_chunks` (the texts of a scheduled prompt are encoded to one length, so any step's can replace another's).
 
     `concepts` maps a concept's name to its vectors (n, width); the name in either prompt stands for them.
     """
     if concepts:
         check_concepts(concepts, text_encoder)
     tokens = ConceptTokens.build(concepts or {}, text_encoder.get_input_embeddings().num_embeddings)
-    n = max(chunk_count(tokenizer, prompt, tokens), chunk_count(tokenizer, negative_prompt, tokens))
+    n = max(min_chunks, chunk_count(tokenizer, prompt, tokens), chunk_count(tokenizer, negative_prompt, tokens))
     positive = encode_chunks(text_encoder, tokenize(tokenizer, prompt, n, tokens), clip_skip, tokens)
     negative = encode_chunks(text_encoder, tokenize(tokenizer, negative_prompt, n, tokens), clip_skip, tokens)
     return positive, negative
@@ -378,13 +380,15 @@ def prompt_signature(
     negative_prompt: str,
     clip_skip: int,
     concepts: Mapping[str, torch.Tensor] | None = None,
+    min_chunks: int = 1,
 ) -> tuple | None:
     """Everything `encode_prompt_pair` depends on, as a hashable key; None when it cannot be told (then the
     encoding is not cached)."""
     encoder = text_encoder_fingerprint(text_encoder)
     if encoder is None:
         return None
-    return (model_sha256, encoder, concept_fingerprint(concepts or {}), prompt, negative_prompt, clip_skip)
+    key = (model_sha256, encoder, concept_fingerprint(concepts or {}), prompt, negative_prompt, clip_skip)
+    return key if min_chunks == 1 else (*key, min_chunks)
 
 
 def text_encoder_fingerprint(text_encoder) -> tuple | None:
