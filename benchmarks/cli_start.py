@@ -85,7 +85,9 @@ def main() -> None:
             "models info": [*spellbook, "models", "info", "shapes"],
             "gallery search": [*spellbook, "gallery", "search", "an otter in a hat"],
         }
-        subprocess.run([*spellbook, "gallery", "import", str(png.parent)], env=env, stdout=subprocess.DEVNULL, check=True)
+        subprocess.run(
+            [*spellbook, "gallery", "import", str(png.parent)], env=env, stdout=subprocess.DEVNULL, check=True
+        )
         figures = {name: timed(command, env, args.runs) for name, command in commands.items()}
         out = str(Path(tmp) / "out")
         generate = [*spellbook, "generate", "a red circle", "--seed", "1", "--out", out, "--no-gallery"]

@@ -45,6 +45,8 @@ def _remove_home():
 )
 def test_no_request_makes_the_server_fail(case):
     response = case.call()
-    assert response.status_code < 500, (
+    declared = {int(code) for code in case.operation.definition.raw.get("responses", {}) if code.isdigit()}
+    # A 5xx is a failure unless the operation declares it (interrogate: 501, no captioning model installed).
+    assert response.status_code < 500 or response.status_code in declared, (
         f"{case.method} {case.formatted_path}: {response.status_code} {response.text[:300]}"
     )

@@ -353,7 +353,9 @@ def test_405_names_every_method_and_the_schema_documents_400_in_our_error_shape(
     ):
         response = client.request(method, url)
         assert response.status_code == 405 and response.headers["allow"] == allowed, (method, url)
-        assert response.json()["error"]["code"] == "method_not_allowed" and allowed in response.json()["error"]["message"]
+        assert (
+            response.json()["error"]["code"] == "method_not_allowed" and allowed in response.json()["error"]["message"]
+        )
     schema = client.get("/openapi.json").json()
     assert "422" not in json.dumps(schema["paths"])
     create = schema["paths"]["/api/v1/jobs"]["post"]["responses"]
@@ -412,7 +414,9 @@ def test_an_idempotency_key_makes_a_retry_get_the_job_it_paid_for(make_client, h
     images = [client.post("/sdapi/v1/txt2img", json={"prompt": "a red square", "steps": 2, "seed": -1}, headers=a1111)
               for _ in range(2)]  # fmt: skip
     assert [r.status_code for r in images] == [200, 200] and images[0].json()["images"] == images[1].json()["images"]
-    assert json.loads(images[0].json()["info"])["spellbook_job"] == json.loads(images[1].json()["info"])["spellbook_job"]
+    assert (
+        json.loads(images[0].json()["info"])["spellbook_job"] == json.loads(images[1].json()["info"])["spellbook_job"]
+    )
     assert accounts.user("dora").balance == balance - wait_done(client, first["id"], headers=headers["dora"])["cost"]
     bad = client.post("/api/v1/jobs", json=body, headers={**headers["dora"], "Idempotency-Key": "\x7f"})
     assert bad.status_code == 400 and bad.json()["error"]["field"] == "Idempotency-Key"
@@ -486,7 +490,9 @@ def test_a1111_surface_lists_and_extras(make_client):
     assert "ram" in client.get("/sdapi/v1/memory").json()
     assert client.post("/sdapi/v1/interrogate", json={"image": ""}).status_code == 501
     picture = png_b64(Image.new("RGB", (10, 6), (200, 10, 10)))
-    big = client.post("/sdapi/v1/extra-single-image", json={"image": picture, "upscaling_resize": 3, "upscaler_1": "Lanczos"})
+    big = client.post(
+        "/sdapi/v1/extra-single-image", json={"image": picture, "upscaling_resize": 3, "upscaler_1": "Lanczos"}
+    )
     resized = Image.open(io.BytesIO(base64.b64decode(big.json()["image"])))
     assert resized.size == (30, 18) and resized.getpixel((15, 9))[0] > 150
     nope = client.post("/sdapi/v1/extra-single-image", json={"image": picture, "upscaler_1": "R-ESRGAN 4x+"})
@@ -504,7 +510,11 @@ def test_a1111_inpaint_options_mask_blur_invert_and_fill(make_client):
     picture = Image.new("RGB", (16, 16), (0, 0, 255))
     picture.paste((255, 0, 0), (4, 4, 12, 12))
     filled = fill_masked(picture, square)
-    assert filled.getpixel((8, 8))[2] > 200 and filled.getpixel((0, 0)) == (0, 0, 255)  # the hole takes the blue around it
+    assert filled.getpixel((8, 8))[2] > 200 and filled.getpixel((0, 0)) == (
+        0,
+        0,
+        255,
+    )  # the hole takes the blue around it
     client, _ = make_client(start_worker=False)
     refused = client.post("/sdapi/v1/img2img", json={"prompt": "x", "init_images": [png_b64(picture)],
                                                      "mask": png_b64(square), "inpaint_full_res": True})  # fmt: skip

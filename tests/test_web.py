@@ -493,3 +493,23 @@ def test_gallery_image_to_img2img_remix_and_copy_recipe(home, studio, browser):
     finally:
         context.close()
     assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def test_the_api_docs_render_offline_from_this_server(home, studio, page):
+    """/docs (Swagger UI) and /redoc load every script and style from this server: no CDN, so they work offline."""
+    with serve("tiny") as base:
+        foreign = []
+
+        def only_this_server(route):
+            if route.request.url.startswith(base):
+                route.continue_()
+            else:
+                foreign.append(route.request.url)
+                route.abort()
+
+        page.route("**/*", only_this_server)
+        page.goto(f"{base}/docs")
+        sync_api.expect(page.locator(".opblock-summary-path").filter(has_text="/api/v1/jobs").first).to_be_visible()
+        page.goto(f"{base}/redoc")
+        sync_api.expect(page.get_by_text("/sdapi/v1/txt2img").first).to_be_attached()
+        assert foreign == []

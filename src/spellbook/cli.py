@@ -339,7 +339,9 @@ def info(
     from spellbook.provenance import infotext, read_metadata
 
     meta = read_metadata(image)
-    if meta.recipe is None and meta.foreign is None:  # exit 2 with --json too: a script must not read "none" as a recipe
+    if (
+        meta.recipe is None and meta.foreign is None
+    ):  # exit 2 with --json too: a script must not read "none" as a recipe
         raise UserError(f"{image} carries no recipe (no Spellbook, A1111 or ComfyUI metadata)", field="image")
     if as_json:
         data = {

@@ -61,6 +61,8 @@ def unhonoured_settings(extra: Mapping[str, str]) -> dict[str, str]:
             continue
         found[key] = value
     return found
+
+
 DEFAULT_MODEL = "shapes"
 
 

@@ -43,7 +43,8 @@ from spellbook.recipe import ConceptRef, suggest
 from spellbook.settings import Settings
 
 # No spaces: a name is written in prompts. Letters, digits, '_', '-', '.', '+'; starts with a letter or digit.
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
+# \Z, not $: `$` also matches before a trailing newline, which let 'name\n' through (and into a file name).
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}\Z")
 SAMPLE_SUFFIX = ".png"
 META_SUFFIX = ".json"
 USERS_FOLDER = "users"
@@ -186,7 +187,9 @@ class ConceptLibrary:
         """Change a concept's `<name>.json` (e.g. bare_word), in this caller's own folder only."""
         path = self.path_of(name)
         if not self.is_own(path):
-            raise Forbidden(f"concept {path.stem!r} is in the shared library; only an admin can change it", field="name")
+            raise Forbidden(
+                f"concept {path.stem!r} is in the shared library; only an admin can change it", field="name"
+            )
         meta = {**self.meta(path), **changes}
         side = path.with_suffix(META_SUFFIX)
         tmp = side.with_name(f".{side.name}.tmp")

@@ -28,8 +28,8 @@ from spellbook.engine.prompts import (
     encode_prompt_pair,
     prompt_signature,
 )
-from spellbook.engine.schedule import prompt_schedule, text_at_step
 from spellbook.engine.samplers import SAMPLER_SPECS, make_scheduler
+from spellbook.engine.schedule import prompt_schedule, text_at_step
 from spellbook.errors import Cancelled, UserError
 from spellbook.models.components import Components
 from spellbook.recipe import Recipe
@@ -117,7 +117,9 @@ def generate(
     passes = list(by_shape.values())
     if not SAMPLER_SPECS[first.sampler].batch_invariant:
         passes = [
-            [_Slice(x.index, x.recipe, x.positive, x.negative, i, 1, x.schedule)] for x in slices for i in range(x.count)
+            [_Slice(x.index, x.recipe, x.positive, x.negative, i, 1, x.schedule)]
+            for x in slices
+            for i in range(x.count)
         ]
     # 4. Denoise and decode pass after pass; the step count runs on across passes.
     pieces: list[list[np.ndarray]] = [[] for _ in recipes]

@@ -69,7 +69,7 @@ def _prompt(text: str, i: int) -> tuple[list, int]:
 
 
 def _emphasis(text: str, i: int) -> tuple[tuple | None, int]:
-    """"(" prompt ")" or "(" prompt ":" prompt ")"; kept as written, with any schedules inside read."""
+    """ "(" prompt ")" or "(" prompt ":" prompt ")"; kept as written, with any schedules inside read."""
     inner, j = _prompt(text, i + 1)
     if j < len(text) and text[j] == ")":
         return ("(", *inner, ")"), j + 1
@@ -81,7 +81,7 @@ def _emphasis(text: str, i: int) -> tuple[tuple | None, int]:
 
 
 def _bracket(text: str, i: int) -> tuple[object | None, int]:
-    """"[" … "]": scheduled, alternate, or emphasis (less weight); None if none of them fits."""
+    """ "[" … "]": scheduled, alternate, or emphasis (less weight); None if none of them fits."""
     first, j = _prompt(text, i + 1)
     if j >= len(text):
         return None, i

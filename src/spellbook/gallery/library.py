@@ -138,11 +138,7 @@ def _store(
 
     if visibility not in VISIBILITIES:
         raise UserError(f"visibility must be one of {', '.join(VISIBILITIES)}, got {visibility!r}", field="visibility")
-    existing = {
-        p.sha256: row[0]
-        for p in pending
-        if (row := db.execute(_SAME_PICTURE, (p.sha256, owner)).fetchone())
-    }
+    existing = {p.sha256: row[0] for p in pending if (row := db.execute(_SAME_PICTURE, (p.sha256, owner)).fetchone())}
     first_of: dict[str, _Pending] = {}
     for p in pending:
         if p.sha256 not in existing:

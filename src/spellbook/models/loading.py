@@ -151,12 +151,22 @@ class ModelCache:
             base = self.settings.home / "vae"
             candidates += [base / name_or_path, base / f"{name_or_path}.safetensors"]
         for path in candidates:
-            if (path.is_dir() and (path / "config.json").is_file()) or (
-                path.is_file() and path.suffix == ".safetensors"
-            ):
+            if _is_vae(path):
                 return path
         raise UserError(
             f"VAE {name_or_path!r} not found: give a VAE folder (config.json + safetensors) or a .safetensors file, "
             f"or put it in {self.settings.home / 'vae'}",
             field="vae",
         )
+
+    def vae_names(self) -> list[str]:
+        """The VAEs in SPELLBOOK_HOME/vae, as `vae_ref` takes them by name: a folder's or a file's name."""
+        base = self.settings.home / "vae"
+        if not base.is_dir():
+            return []
+        return sorted(path.name for path in base.iterdir() if not path.name.startswith(".") and _is_vae(path))
+
+
+def _is_vae(path: Path) -> bool:
+    """A VAE override: a diffusers VAE folder (config.json + safetensors) or a VAE .safetensors file."""
+    return (path.is_dir() and (path / "config.json").is_file()) or (path.is_file() and path.suffix == ".safetensors")

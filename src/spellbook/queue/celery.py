@@ -304,9 +304,7 @@ class Dispatcher(BackgroundLoop):
     def _record_concept(self, job_id: str, payload: dict[str, Any]) -> None:
         from spellbook.concepts.library import ConceptLibrary
         from spellbook.errors import SpellbookError
-        from spellbook.queue.training import TrainedConcept, job_result, store_trained
-
-        from spellbook.queue.training import ConceptJobSpec
+        from spellbook.queue.training import ConceptJobSpec, TrainedConcept, job_result, store_trained
 
         trained = TrainedConcept.from_payload(payload)
         spec = ConceptJobSpec.from_dict(self.queue.get(job_id).request["concept"])

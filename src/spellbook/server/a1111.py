@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import pathlib
 import re
 import time
 from typing import Any
@@ -112,7 +113,13 @@ _NO_EFFECT = {
 # override_settings keys that are applied (sd_model_checkpoint, CLIP_stop_at_last_layers, sd_vae), and ones that
 # change nothing about the image.
 _OVERRIDES_APPLIED = {"sd_model_checkpoint", "CLIP_stop_at_last_layers", "sd_vae"}
-_OVERRIDES_NO_EFFECT = {"samples_format", "save_images_add_number", "grid_format", "enable_pnginfo", "sd_checkpoint_hash"}
+_OVERRIDES_NO_EFFECT = {
+    "samples_format",
+    "save_images_add_number",
+    "grid_format",
+    "enable_pnginfo",
+    "sd_checkpoint_hash",
+}
 
 
 def _check_fields(body: A1111Request) -> None:
@@ -435,7 +442,11 @@ def set_options(options: dict[str, Any], request: Request, response: Response, w
     if name is not None and name != services.default_model:
         services.set_default_model(name)
     if ignored:
-        response.headers["X-Spellbook-Ignored-Options"] = ", ".join(sorted(ignored))[:2000]
+        # Printable ASCII only: a header is latin-1 at most (anything else was a 500), and a control character
+        # in it made the server drop the connection.
+        names = ", ".join(sorted(ignored)).encode("ascii", "backslashreplace").decode()
+        safe = "".join(c if " " <= c <= "~" else f"\\x{ord(c):02x}" for c in names)
+        response.headers["X-Spellbook-Ignored-Options"] = safe[:2000].strip()  # no space at either end (h11)
     return {}
 
 
@@ -597,7 +608,9 @@ def sd_vae(request: Request, _who: Caller) -> list[dict[str, Any]]:
 @router.get("/upscalers")
 def upscalers(_who: Caller) -> list[dict[str, Any]]:
     """The plain resamplers A1111 always has (no AI upscaler is installed here)."""
-    return [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4} for name in _RESAMPLERS]
+    return [
+        {"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4} for name in _RESAMPLERS
+    ]
 
 
 _RESAMPLERS = {"None": None, "Lanczos": "LANCZOS", "Nearest": "NEAREST"}
@@ -656,7 +669,8 @@ def skip(request: Request, who: Caller) -> dict[str, Any]:
 def memory(_who: Caller) -> dict[str, Any]:
     ram: dict[str, Any] = {}
     try:
-        info = dict(line.split(":", 1) for line in open("/proc/meminfo", encoding="ascii").read().splitlines())
+        text = pathlib.Path("/proc/meminfo").read_text(encoding="ascii")
+        info = dict(line.split(":", 1) for line in text.splitlines())
         total = int(info["MemTotal"].split()[0]) * 1024
         free = int(info["MemAvailable"].split()[0]) * 1024
         ram = {"free": free, "used": total - free, "total": total}
@@ -678,7 +692,8 @@ def interrogate(_who: Caller) -> dict[str, Any]:
 
 
 class ExtrasRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    # strict: a value of another type than the schema says (0 for a boolean, false for a number) is a 400
+    model_config = ConfigDict(extra="allow", strict=True)
 
     image: str = ""
     resize_mode: int = Field(0, ge=0, le=1, description="0: by upscaling_resize; 1: to upscaling_resize_w x _h")
@@ -696,7 +711,7 @@ class ExtrasRequest(BaseModel):
 
 
 class ExtrasBatchRequest(ExtrasRequest):
-    imageList: list[dict[str, str]] = Field(default_factory=list)  # noqa: N815 (A1111's name)
+    imageList: list[dict[str, str]] = Field(default_factory=list)
 
 
 def _extras_image(services: Services, body: ExtrasRequest, data: str) -> str:

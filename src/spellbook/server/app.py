@@ -18,6 +18,7 @@ from typing import Annotated
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.security import APIKeyCookie, HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.base import BaseHTTPMiddleware
 
@@ -217,6 +218,8 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
         version=__version__,
         description="Self-hosted Stable Diffusion: native API (/api/v1) and an A1111-compatible API (/sdapi/v1).",
         lifespan=lifespan,
+        docs_url=None,  # served below from this server's own copies of Swagger UI and ReDoc: no CDN, works offline
+        redoc_url=None,
     )
     app.state.services = services
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_mb * 1024 * 1024)
@@ -264,20 +267,50 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
             for operation in (op for item in schema.get("paths", {}).values() for op in item.values()):
                 responses = operation.setdefault("responses", {})
                 responses.pop("422", None)
-                responses["400"] = {"description": "Bad request: the field named and what to do", "content": {"application/json": {"schema": error}}}  # fmt: skip
+                if "400" not in responses:  # a route that answers 400 in another shape (ComfyUI's) declares it
+                    responses["400"] = {"description": "Bad request: the field named and what to do", "content": {"application/json": {"schema": error}}}  # fmt: skip
                 responses["default"] = {"description": "Any other error (401, 403, 404, 409, 413, 429, 503 …)", "content": {"application/json": {"schema": error}}}  # fmt: skip
+            if not services.auth:  # auth off (loopback): credentials are optional, and checked when sent
+                for operation in (op for item in schema["paths"].values() for op in item.values()):
+                    if "security" in operation:
+                        operation["security"].insert(0, {})
             app.openapi_schema = schema
         return app.openapi_schema
 
     app.openapi = openapi
 
-    from spellbook.server import a1111, account_routes, concept_routes, gallery_routes, native, pages
+    from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+
+    vendor = "/static/vendor"
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui():
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="Spellbook API",
+            swagger_js_url=f"{vendor}/swagger-ui-bundle.js",
+            swagger_css_url=f"{vendor}/swagger-ui.css",
+            swagger_favicon_url=f"{vendor}/favicon-32x32.png",
+        )
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc():
+        return get_redoc_html(
+            openapi_url="/openapi.json",
+            title="Spellbook API",
+            redoc_js_url=f"{vendor}/redoc.standalone.js",
+            redoc_favicon_url=f"{vendor}/favicon-32x32.png",
+            with_google_fonts=False,
+        )
+
+    from spellbook.server import a1111, account_routes, comfy, concept_routes, gallery_routes, native, pages
 
     app.include_router(native.router)
     app.include_router(account_routes.router)
     app.include_router(gallery_routes.router)
     app.include_router(concept_routes.router)
     app.include_router(a1111.router)
+    app.include_router(comfy.router)
     pages.mount(app)
     return app
 
@@ -313,7 +346,21 @@ def allowed_methods(request: Request) -> list[str]:
     return methods
 
 
-def principal(request: Request) -> Principal:
+# How a caller proves who it is, declared in the schema of every operation that takes a `Caller` (FastAPI lists
+# a dependency's security schemes); `authenticate` does the checking. HTTP Basic (a user name and password, for
+# A1111 clients) is accepted too, undeclared: wrong passwords are rate-limited (429 after a few), which is not
+# what a client probing each declared scheme with bad credentials expects.
+TOKEN = HTTPBearer(auto_error=False, scheme_name="token", description="an API token: `spellbook token create USER`")
+SESSION = APIKeyCookie(
+    name="spellbook_token", auto_error=False, scheme_name="session", description="set by POST /api/v1/session"
+)
+
+
+def principal(
+    request: Request,
+    _token: Annotated[HTTPAuthorizationCredentials | None, Depends(TOKEN)] = None,
+    _session: Annotated[str | None, Depends(SESSION)] = None,
+) -> Principal:
     """FastAPI dependency: the authenticated caller (and the Origin check for writes)."""
     services: Services = request.app.state.services
     check_origin(request)

@@ -23,8 +23,17 @@ from spellbook.server.app import Caller, services_of
 from spellbook.server.security import Principal, decode_image_bytes
 
 router = APIRouter(prefix="/api/v1/concepts", tags=["concepts"])
+# What check_concept_name accepts, for the schema (documented, not enforced here: pydantic's regex engine has no
+# look-ahead, and the library's check gives the better message): optional <>, surrounding spaces, no '..'.
+NAME_PATTERN = r"^(?![\s\S]*\.\.)\s*(?:<[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}>|[A-Za-z0-9][A-Za-z0-9_.+-]{0,63})\s*$"
 ConceptName = Annotated[
-    str, Path(min_length=1, max_length=66, description="the concept's name, as written in prompts (<> optional)")
+    str,
+    Path(
+        min_length=1,
+        max_length=66,
+        description="the concept's name, as written in prompts (<> optional)",
+        json_schema_extra={"pattern": NAME_PATTERN},
+    ),
 ]
 # The largest concept there is (75 vectors of 1024 floats, SD 2.x) is about 300 KB; one vector of SD 1.x, 3 KB.
 UPLOAD_MAX_BYTES = 1 << 20
@@ -147,7 +156,9 @@ def upload_concept(
                 raise UserError(error.message, field="file", hint=error.hint) from None
 
     library = library_of(request, who)
-    info = library.import_bytes(data, file.filename or "", name or None, check=check, bare_word=bare_word, uploader=who.name)
+    info = library.import_bytes(
+        data, file.filename or "", name or None, check=check, bare_word=bare_word, uploader=who.name
+    )
     return view(info, library)
 
 
@@ -165,7 +176,15 @@ def delete_concept(name: ConceptName, request: Request, who: Caller) -> Response
 def train(
     request: Request,
     who: Caller,
-    name: Annotated[str, Form(min_length=1, max_length=66, description="the new word, used as <name>")],
+    name: Annotated[
+        str,
+        Form(
+            min_length=1,
+            max_length=66,
+            description="the new word, used as <name>",
+            json_schema_extra={"pattern": NAME_PATTERN},
+        ),
+    ],
     images: Annotated[list[UploadFile], File(description=f"1 to {MAX_PICTURES} pictures (PNG, JPEG or WebP)")],
     init_word: Annotated[str | None, Form(max_length=100, description="start from this word's embedding")] = None,
     steps: Annotated[int, Form(ge=1, le=MAX_TRAIN_STEPS)] = 400,

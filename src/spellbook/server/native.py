@@ -65,16 +65,24 @@ class JobRequest(BaseModel):
         )
 
 
-def submit(services: Services, who: Principal, request: ImageRequest, idempotency: Idempotency | None = None) -> Job:
+def submit(
+    services: Services,
+    who: Principal,
+    request: ImageRequest,
+    idempotency: Idempotency | None = None,
+    *,
+    extra: dict[str, Any] | None = None,
+) -> Job:
     """Validate (model metadata only: the API process never loads weights), pay, queue: every API's jobs. A
-    retry with the same Idempotency-Key gets the job it already paid for, in whatever state it is."""
+    retry with the same Idempotency-Key gets the job it already paid for, in whatever state it is. `extra` is
+    kept beside the recipe in the job's request (the ComfyUI API keeps its graph there)."""
     services.limiter.check(who.name)
     if idempotency is not None and (earlier := services.queue.find_idempotent(who.id, idempotency)) is not None:
         return earlier
     if request.model is None:
         request = request.with_(model=services.default_model)
     recipe = services.studio.plan(request, allow_paths=False, concepts_of=who.concepts_of)
-    job = services.queue.submit(recipe, owner=who.id, idempotency=idempotency)
+    job = services.queue.submit(recipe, owner=who.id, idempotency=idempotency, extra=extra)
     services.wake()
     return job
 
