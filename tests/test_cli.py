@@ -314,3 +314,37 @@ def test_a_decompression_bomb_is_one_line_and_exit_2_everywhere(cli, tmp_path):
     Image.new("RGB", (8, 8), (1, 2, 3)).save(good / "plain.png")
     code, out, _ = cli("gallery", "import", good)
     assert code == 0 and "imported 1" in out and "bomb.png is too large" in out
+
+
+def test_styles_from_an_a1111_file_expand_into_the_recipe_and_the_infotext(cli, tmp_path):
+    csv_file = tmp_path / "styles.csv"
+    csv_file.write_text(
+        'name,prompt,negative_prompt\n"Oil","oil painting of {prompt}, canvas","photo"\nbright,"bright colours",\n'
+        "Oil,dup,\n",
+        encoding="utf-8",
+    )
+    code, _, err = cli("styles", "import", csv_file)
+    assert code == 2 and "appears twice" in err
+    csv_file.write_text(csv_file.read_text().replace("Oil,dup,\n", ""), encoding="utf-8")
+    code, out, _ = cli("styles", "import", csv_file)
+    assert code == 0 and "imported 2 styles" in out
+    assert cli("styles", "add", "bright", "--prompt", "x")[0] == 2  # exists
+    code, out, _ = cli("styles", "list", "--json")
+    assert [s["name"] for s in json.loads(out)] == ["Oil", "bright"]
+    code, out, err = cli(
+        "generate", "a red circle", "--style", "Oil", "--style", "bright", "-n", "blurry",
+        "--model", "tiny", "--steps", "2", "--seed", "3", "--out", tmp_path / "o", "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    record = json.loads(out)[0]
+    recipe = record["recipe"]
+    assert recipe["prompt"] == "oil painting of a red circle, canvas, bright colours"
+    assert recipe["negative_prompt"] == "blurry, photo" and recipe["styles"] == ["Oil", "bright"]
+    params = parse_infotext(read_png_text(record["path"])["parameters"])[2]
+    assert params["Styles array"] == '["Oil", "bright"]'
+    assert cli("verify", record["path"])[0] == 0  # the expanded prompt is what runs again
+    code, _, err = cli("generate", "x", "--style", "oil", "--model", "tiny", "--out", tmp_path / "o")
+    assert code == 2 and "unknown style 'oil'" in err and "'Oil'" in err
+    assert cli("styles", "rm", "bright")[0] == 0
+    code, out, _ = cli("styles", "list")
+    assert out.splitlines() == ["Oil\toil painting of {prompt}, canvas\tphoto"]

@@ -402,7 +402,7 @@ def test_comfyui_prompts_are_followed_through_an_intermediate_node():
 
 def test_comfyui_img2img_denoise_becomes_denoising_strength_and_unknown_samplers_are_kept():
     graph = copy.deepcopy(COMFY_PROMPT)
-    graph["3"]["inputs"].update(denoise=0.6, sampler_name="dpmpp_2m_sde_gpu", scheduler="sgm_uniform")
+    graph["3"]["inputs"].update(denoise=0.6, sampler_name="res_multistep_ancestral", scheduler="sgm_uniform")
     graph["3"]["inputs"]["latent_image"] = ["10", 0]
     graph["10"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["11", 0], "vae": ["4", 2]}}
     graph["11"] = {"class_type": "LoadImage", "inputs": {"image": "otter.png"}}
@@ -410,8 +410,11 @@ def test_comfyui_img2img_denoise_becomes_denoising_strength_and_unknown_samplers
     recipe = read_foreign_recipe({"prompt": json.dumps(graph)})
     assert recipe is not None
     assert recipe["denoising_strength"] == 0.6
-    assert (recipe["sampler"], recipe["schedule"]) == ("dpmpp_2m_sde_gpu", "SGM Uniform")
+    assert (recipe["sampler"], recipe["schedule"]) == ("res_multistep_ancestral", "SGM Uniform")
     assert "width" not in recipe
+    # The *_gpu SDE samplers are the samplers they name (their noise is drawn on the GPU).
+    graph["3"]["inputs"]["sampler_name"] = "dpmpp_2m_sde_gpu"
+    assert read_foreign_recipe({"prompt": json.dumps(graph)})["sampler"] == "DPM++ 2M SDE"
 
 
 def test_comfyui_hires_fix_reports_the_first_pass():

@@ -427,7 +427,6 @@ def test_a1111_fields_are_applied_or_refused_by_name(make_client):
     base = {"prompt": "a red circle", "steps": 2, "seed": 9}
     for extra, field in (
         ({"enable_hr": True}, "enable_hr"),
-        ({"styles": ["cinematic"]}, "styles"),
         ({"prompt": "a red circle <lora:add_detail:0.8>"}, "prompt"),
         ({"eta": 0.5}, "eta"),
         ({"override_settings": {"sd_vae": "nonexistent"}}, "override_settings.sd_vae"),
@@ -519,3 +518,17 @@ def test_a1111_inpaint_options_mask_blur_invert_and_fill(make_client):
     refused = client.post("/sdapi/v1/img2img", json={"prompt": "x", "init_images": [png_b64(picture)],
                                                      "mask": png_b64(square), "inpaint_full_res": True})  # fmt: skip
     assert refused.status_code == 400 and refused.json()["error"]["field"] == "inpaint_full_res"
+
+
+def test_a1111_styles_are_applied_from_the_library(make_client, home):
+    (home / "styles.csv").write_text('name,prompt,negative_prompt\nOil,"oil painting of {prompt}",photo\n')
+    client, _ = make_client()
+    assert client.get("/sdapi/v1/prompt-styles").json() == [
+        {"name": "Oil", "prompt": "oil painting of {prompt}", "negative_prompt": "photo"}
+    ]
+    done = client.post("/sdapi/v1/txt2img", json={"prompt": "a red circle", "steps": 2, "styles": ["Oil"]})
+    info = json.loads(done.json()["info"])
+    assert info["prompt"] == "oil painting of a red circle" and info["negative_prompt"] == "photo"
+    assert info["styles"] == ["Oil"]
+    unknown = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2, "styles": ["cinematic"]})
+    assert unknown.status_code == 404 and unknown.json()["error"]["field"] == "styles"

@@ -28,6 +28,8 @@ app = typer.Typer(
 models_app = typer.Typer(help="List, add and inspect models.", no_args_is_help=True)
 toy_app = typer.Typer(help="The embedded shapes model: judge images, train the model.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+styles_app = typer.Typer(help="Styles: named prompt templates (A1111's styles.csv).", no_args_is_help=True)
+app.add_typer(styles_app, name="styles")
 app.add_typer(toy_app, name="toy")
 app.add_typer(concept_app, name="concept")
 register_server_commands(app)
@@ -115,6 +117,7 @@ def _generation_request(
     model: str | None,
     vae: str | None,
     clip_skip: int | None,
+    styles: list[str] | None = None,
 ):
     """The CLI's adapter: flags -> ImageRequest."""
     from spellbook.recipe import ImageRequest, parse_size
@@ -134,6 +137,7 @@ def _generation_request(
         model=model,
         vae=vae,
         clip_skip=clip_skip,
+        styles=tuple(styles or ()),
     )
 
 
@@ -196,6 +200,10 @@ Model = Annotated[str | None, typer.Option(help="Model name from `spellbook mode
 Vae = Annotated[str | None, typer.Option(help="VAE override: a VAE folder or .safetensors.")]
 ClipSkip = Annotated[int | None, typer.Option("--clip-skip", help="Clip skip as A1111 counts it (1 = none).")]
 NoGallery = Annotated[bool, typer.Option("--no-gallery", help="Do not file the images in the gallery.")]
+Styles = Annotated[
+    list[str] | None,
+    typer.Option("--style", help="A style from `spellbook styles list` (repeatable; applied in order)."),
+]
 
 
 @app.command()
@@ -220,6 +228,7 @@ def generate(
     out: Out = Path("out"),
     as_json: Json = False,
     no_gallery: NoGallery = False,
+    style: Styles = None,
 ) -> None:
     """Text to image."""
     studio = _studio()
@@ -242,7 +251,7 @@ def generate(
         records = []
         for i, line in prompts:
             request = _generation_request(
-                line, negative, steps, cfg, sampler, schedule, size, base_seed + i, batch, model, vae, clip_skip
+                line, negative, steps, cfg, sampler, schedule, size, base_seed + i, batch, model, vae, clip_skip, style
             )
             records += _run(studio, request, out, not as_json and sys.stderr.isatty(), count, not no_gallery)
         _report(records, as_json)
@@ -250,7 +259,7 @@ def generate(
     if prompt is None:
         raise UserError('give a prompt, e.g. spellbook generate "a red circle"', field="prompt")
     request = _generation_request(
-        prompt, negative, steps, cfg, sampler, schedule, size, seed, batch, model, vae, clip_skip
+        prompt, negative, steps, cfg, sampler, schedule, size, seed, batch, model, vae, clip_skip, style
     )
     _run_and_save(studio, request, out, as_json, count=count, gallery=not no_gallery)
 
@@ -281,12 +290,13 @@ def img2img(
     out: Out = Path("out"),
     as_json: Json = False,
     no_gallery: NoGallery = False,
+    style: Styles = None,
 ) -> None:
     """Image to image: redraw IMAGE following PROMPT."""
     studio = _studio()
     init = _open(image, "image")
     request = _generation_request(
-        prompt, negative, steps, cfg, sampler, schedule, size, seed, batch, model, vae, clip_skip
+        prompt, negative, steps, cfg, sampler, schedule, size, seed, batch, model, vae, clip_skip, style
     ).with_(kind="img2img", strength=strength, init_image=init, init_image_path=str(image))
     _run_and_save(studio, request, out, as_json, count, not no_gallery)
 
@@ -314,12 +324,13 @@ def inpaint(
     out: Out = Path("out"),
     as_json: Json = False,
     no_gallery: NoGallery = False,
+    style: Styles = None,
 ) -> None:
     """Inpaint: redraw the masked part of IMAGE following PROMPT."""
     studio = _studio()
     init, mask_image = _open(image, "image"), _open(mask, "mask")
     request = _generation_request(
-        prompt, negative, steps, cfg, sampler, schedule, size, seed, batch, model, vae, clip_skip
+        prompt, negative, steps, cfg, sampler, schedule, size, seed, batch, model, vae, clip_skip, style
     ).with_(
         kind="inpaint",
         strength=strength,
@@ -419,6 +430,57 @@ def verify(
 
 
 # ------------------------------------------------------------------------------------------------ models
+# ------------------------------------------------------------------------------------------------ styles
+def _styles():
+    from spellbook.styles import StyleLibrary
+
+    return StyleLibrary(current_settings())
+
+
+@styles_app.command("list")
+def styles_list(as_json: Json = False) -> None:
+    """Every style: name, prompt template and negative prompt."""
+    styles = _styles().list()
+    if as_json:
+        _echo_json([style.to_dict() for style in styles])
+        return
+    for style in styles:
+        typer.echo(f"{style.name}\t{style.prompt}\t{style.negative_prompt}")
+
+
+@styles_app.command("add")
+def styles_add(
+    name: Annotated[str, typer.Argument(help="The style's name, as --style takes it.")],
+    prompt: Annotated[str, typer.Option("--prompt", help="Template; {prompt} is where the prompt goes.")] = "",
+    negative: Annotated[str, typer.Option("--negative", help="Negative prompt template.")] = "",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a style of that name.")] = False,
+) -> None:
+    """Add a style (without {prompt}, its text is appended to the prompt after a comma)."""
+    from spellbook.styles import Style
+
+    style = _styles().add(Style(name, prompt, negative), overwrite=overwrite)
+    typer.echo(f"style {style.name} added")
+
+
+@styles_app.command("rm")
+def styles_rm(name: Annotated[str, typer.Argument(help="The style to remove.")]) -> None:
+    """Remove a style."""
+    _styles().remove(name)
+    typer.echo(f"style {name} removed")
+
+
+@styles_app.command("import")
+def styles_import(
+    file: Annotated[Path, typer.Argument(help="An A1111 styles.csv (name, prompt, negative_prompt).")],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace styles of the same names.")] = False,
+) -> None:
+    """Add every style of an A1111 styles.csv."""
+    added, skipped = _styles().import_file(file, overwrite=overwrite)
+    typer.echo(f"imported {len(added)} styles")
+    for name in skipped:
+        typer.echo(f"skipped {name}: a style of that name exists (--overwrite replaces it)")
+
+
 @models_app.command("list")
 def models_list(as_json: Json = False) -> None:
     """Models you can name with --model."""

@@ -8,6 +8,7 @@ metadata, so any image with a recipe can be inspected or re-run.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import threading
@@ -43,6 +44,8 @@ def infotext_params(recipe: Recipe) -> dict[str, object]:
         "Denoising strength": f"{recipe.strength:g}" if recipe.strength is not None else None,
         "Clip skip": recipe.clip_skip if recipe.clip_skip > 1 else None,
         "TI hashes": ", ".join(f"{c.name}: {c.short_hash}" for c in recipe.concepts) or None,
+        # A1111's record of the styles applied (the prompts above are already expanded).
+        "Styles array": json.dumps(list(recipe.styles), ensure_ascii=False) if recipe.styles else None,
         "Version": f"spellbook {recipe.build.spellbook}" if recipe.build else None,
     }
     return params

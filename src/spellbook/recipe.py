@@ -231,6 +231,7 @@ class Recipe:
     init_image: InputRef | None = None
     mask: InputRef | None = None
     clip_skip: int = 1
+    styles: tuple[str, ...] = ()  # the styles whose templates made `prompt` / `negative_prompt` (already expanded)
     build: Build | None = None
     version: int = RECIPE_VERSION
 
@@ -249,6 +250,10 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["concepts"] = [c.to_dict() for c in self.concepts]
+        if self.styles:
+            data["styles"] = list(self.styles)
+        else:
+            del data["styles"]  # written only when used: every earlier recipe reads and writes as before
         return data
 
     def to_json(self) -> str:
@@ -326,6 +331,10 @@ def _convert(name: str, value: Any) -> Any:
         return None
     if name in _SUBRECORDS:
         return _record(name, _SUBRECORDS[name], value)
+    if name == "styles":
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            raise UserError("must be a list of style names", field="styles")
+        return tuple(value)
     if name == "concepts":
         if not isinstance(value, list):
             raise UserError("must be a list of {name, sha256} objects", field="concepts")
@@ -432,6 +441,7 @@ class ImageRequest:
     mask: Any = None  # PIL image: inpaint, white = repaint
     init_image_path: str = ""  # where the init image was read from (recorded as a hint for `reproduce`)
     mask_path: str = ""
+    styles: tuple[str, ...] = ()  # names in the style library, applied in order (Studio.plan expands them)
 
     def with_(self, **changes: Any) -> ImageRequest:
         return replace(self, **changes)

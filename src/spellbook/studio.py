@@ -108,6 +108,13 @@ class Studio:
         Concepts are the shared library's, plus user `concepts_of`'s own (a server passes the caller's id)."""
         if not isinstance(request, ImageRequest):
             request = ImageRequest.from_dict(request)
+        # 0. Styles: their templates expanded into the prompts (the recipe keeps what ran, and the names).
+        if request.styles:
+            from spellbook.styles import StyleLibrary, apply_styles
+
+            styles = StyleLibrary(self.settings).get(request.styles)
+            prompt, negative = apply_styles(request.prompt, request.negative_prompt, styles)
+            request = request.with_(prompt=prompt, negative_prompt=negative, styles=tuple(request.styles))
         # 1. The model and VAE, by metadata.
         info = self.model_info(request.model, allow_paths=allow_paths)
         vae = self.vae_ref(request.vae, allow_paths=allow_paths) if request.vae else None

@@ -374,7 +374,7 @@ def to_pil(images: np.ndarray) -> list[Image.Image]:
 
 
 # Fields that may differ between recipes sharing one forward pass; everything else must be equal.
-_PER_JOB_FIELDS = {"prompt", "negative_prompt", "seed", "batch_size", "batch_index", "build"}
+_PER_JOB_FIELDS = {"prompt", "negative_prompt", "seed", "batch_size", "batch_index", "build", "styles"}
 
 
 def can_share_batch(a: Recipe, b: Recipe) -> bool:

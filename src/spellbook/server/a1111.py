@@ -137,8 +137,6 @@ def _check_fields(body: A1111Request) -> None:
                 field=name,
                 hint="remove it, or see /docs for the fields this API takes",
             )
-    if body.styles:
-        raise UserError("styles are not supported yet; put the style's words into the prompt", field="styles")
     for text, field in ((body.prompt, "prompt"), (body.negative_prompt, "negative_prompt")):
         tag = _EXTRA_NETWORK.search(text)
         if tag:
@@ -206,6 +204,7 @@ def to_request(services: Services, body: A1111Request, kind: str) -> ImageReques
         width=body.width,
         height=body.height,
         clip_skip=body.override_settings.get("CLIP_stop_at_last_layers"),
+        styles=tuple(body.styles or ()),
     )
     if kind == "txt2img":
         return request
@@ -342,7 +341,7 @@ def _response(services: Services, jobs: list[Job], body: A1111Request) -> dict[s
         "extra_generation_params": {},
         "index_of_first_image": 0,
         "infotexts": infotexts,
-        "styles": [],
+        "styles": list(recipe.styles),
         "job_timestamp": str(int(jobs[0].created)),
         "version": f"spellbook {__version__}",
         "spellbook_job": jobs[0].id,
@@ -642,8 +641,11 @@ def realesrgan_models(_who: Caller) -> list[dict[str, Any]]:
 
 
 @router.get("/prompt-styles")
-def prompt_styles(_who: Caller) -> list[dict[str, Any]]:
-    return []  # styles are not supported yet (a request with styles is refused by name)
+def prompt_styles(request: Request, _who: Caller) -> list[dict[str, Any]]:
+    """The style library (SPELLBOOK_HOME/styles.csv), usable as `styles` in txt2img/img2img."""
+    from spellbook.styles import StyleLibrary
+
+    return [style.to_dict() for style in StyleLibrary(services_of(request).settings).list()]
 
 
 @router.post("/refresh-checkpoints")

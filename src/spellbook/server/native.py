@@ -53,6 +53,7 @@ class JobRequest(BaseModel):
     height: int | None = Field(None, ge=8, le=16_384)
     strength: float | None = Field(None, ge=0, le=1)
     clip_skip: int | None = Field(None, ge=1, le=12)
+    styles: list[str] = Field(default_factory=list, max_length=20, description="styles from the library, in order")
     init_image: str | None = Field(None, description="img2img/inpaint: base64 PNG/JPEG (or a data: URL)")
     mask: str | None = Field(None, description="inpaint: base64 mask, white = repaint")
 
