@@ -247,11 +247,14 @@ def test_reproduce_refuses_a1111_settings_it_cannot_honour_unless_lenient(cli, t
     write_png_text(Image.new("RGB", (16, 16)), path, {"parameters": f"a red circle\n{params}"})
     code, _, err = cli("reproduce", path, "--out", tmp_path / "o")
     assert code == 2 and len(err.strip().splitlines()) == 1
-    for key in ("Hires upscale", "Hires steps", "Variation seed strength", "Lora hashes"):
+    for key in ("Hires upscale", "Hires steps", "Lora hashes"):
         assert key in err, key
     assert "Version" not in err and "ENSD" not in err  # harmless, and at its default
-    code, out, err = cli("reproduce", path, "--lenient", "--out", tmp_path / "o")
+    assert "Variation seed" not in err  # honoured
+    code, out, err = cli("reproduce", path, "--lenient", "--out", tmp_path / "o", "--json")
     assert code == 0 and "warning: dropped Hires upscale: 2" in err and "warning: dropped Lora hashes" in err
+    recipe = json.loads(out)["recipe"]
+    assert (recipe["subseed"], recipe["subseed_strength"]) == (12345, 0.3)
     plain = tmp_path / "plain.png"
     Image.new("RGB", (8, 8)).save(plain)
     code, out, err = cli("info", plain, "--json")

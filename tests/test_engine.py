@@ -11,7 +11,7 @@ from PIL import Image
 from spellbook.engine.pipeline import GenerationInputs, generate
 from spellbook.engine.samplers import SAMPLER_SPECS, make_scheduler
 from spellbook.errors import Cancelled, UserError
-from spellbook.recipe import SAMPLERS, InputRef, make_recipe
+from spellbook.recipe import SAMPLERS, InputRef, Recipe, make_recipe
 
 
 def reference(cls, c, recipe):
@@ -344,3 +344,31 @@ def test_the_prompt_cache_is_a_bounded_lru():
     disabled = PromptCache(max_entries=0)
     disabled.get_or_encode("a", encoder, lambda: (torch.zeros(1), torch.zeros(1)))
     assert len(disabled) == 0
+
+
+def test_variation_seeds_move_the_noise_from_the_seed_to_the_subseed(tiny):
+    """A1111's variation seed: strength 0 is the seed's image, 1 the subseed's (a deterministic sampler), between
+    them a new image; image i uses subseed + i; the recipe and infotext keep both, and it reproduces."""
+    from spellbook.provenance import infotext_params
+
+    defaults = tiny.recipe_defaults()
+    base = {"prompt": "a red circle", "seed": 10, "steps": 4, "sampler": "DDIM", "batch_size": 2}
+    plain = generate(tiny, make_recipe(base, defaults))[0]
+    other = generate(tiny, make_recipe({**base, "seed": 50}, defaults))[0]
+    none = make_recipe({**base, "subseed": 50, "subseed_strength": 0.0}, defaults)
+    assert none.subseed is None and "subseed" not in none.to_dict()  # no strength: nothing recorded
+    assert np.array_equal(generate(tiny, none)[0], plain)
+    full = generate(tiny, make_recipe({**base, "subseed": 50, "subseed_strength": 1.0}, defaults))[0]
+    assert np.abs(full - other).max() < 1e-5
+    half_recipe = make_recipe({**base, "subseed": 50, "subseed_strength": 0.5}, defaults)
+    half = generate(tiny, half_recipe)[0]
+    assert np.abs(half - plain).max() > 1e-3 and np.abs(half - other).max() > 1e-3
+    again = Recipe.from_json(half_recipe.to_json())
+    assert again == half_recipe and np.array_equal(generate(tiny, again)[0], half)
+    params = infotext_params(half_recipe.for_image(1))
+    assert (params["Seed"], params["Variation seed"], params["Variation seed strength"]) == (11, 51, "0.5")
+    random = make_recipe({**base, "subseed_strength": 0.3}, defaults)
+    assert random.subseed is not None  # drawn and recorded, like a random seed
+    with pytest.raises(UserError) as refused:
+        make_recipe({**base, "subseed": 5, "subseed_strength": 1.5}, defaults)
+    assert refused.value.field == "subseed_strength"

@@ -445,6 +445,9 @@ def test_a1111_fields_are_applied_or_refused_by_name(make_client):
     info = json.loads(batches.json()["info"])
     assert len(batches.json()["images"]) == 6 and info["all_seeds"] == [9, 10, 11, 12, 13, 14]
     assert len(info["spellbook_jobs"]) == 3
+    varied = client.post("/sdapi/v1/txt2img", json={**base, "batch_size": 2, "subseed": 40, "subseed_strength": 0.5})
+    varied_info = json.loads(varied.json()["info"])
+    assert varied_info["all_subseeds"] == [40, 41] and "Variation seed: 41" in varied_info["infotexts"][1]
     samplers = {s["name"]: s["aliases"] for s in client.get("/sdapi/v1/samplers").json()}
     assert "k_euler_a" in samplers["Euler a"]
 

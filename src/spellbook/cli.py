@@ -147,8 +147,10 @@ def _run(studio, request, out: Path, show_progress: bool, count: int = 1, galler
     records = []
     recipe = studio.plan(request)
     for run in range(count):
-        if run:
+        if run:  # batch k: seed (and variation seed) + k x batch size, as A1111's n_iter
             recipe = recipe.with_(seed=recipe.seed + recipe.batch_size)
+            if recipe.subseed is not None:
+                recipe = recipe.with_(subseed=recipe.subseed + recipe.batch_size)
         bar, callback = _progress_bar(f"{recipe.kind} {recipe.width}x{recipe.height}", show_progress)
         with bar:
             results = studio.run(recipe, on_step=callback)
@@ -229,6 +231,13 @@ def generate(
     as_json: Json = False,
     no_gallery: NoGallery = False,
     style: Styles = None,
+    variation_seed: Annotated[
+        int | None, typer.Option("--variation-seed", help="A1111's variation seed (-1 or absent: random).")
+    ] = None,
+    variation_strength: Annotated[
+        float | None,
+        typer.Option("--variation-strength", help="How far the noise moves towards the variation seed's, 0-1."),
+    ] = None,
 ) -> None:
     """Text to image."""
     studio = _studio()
@@ -252,7 +261,7 @@ def generate(
         for i, line in prompts:
             request = _generation_request(
                 line, negative, steps, cfg, sampler, schedule, size, base_seed + i, batch, model, vae, clip_skip, style
-            )
+            ).with_(subseed=variation_seed, subseed_strength=variation_strength)
             records += _run(studio, request, out, not as_json and sys.stderr.isatty(), count, not no_gallery)
         _report(records, as_json)
         return
@@ -260,7 +269,7 @@ def generate(
         raise UserError('give a prompt, e.g. spellbook generate "a red circle"', field="prompt")
     request = _generation_request(
         prompt, negative, steps, cfg, sampler, schedule, size, seed, batch, model, vae, clip_skip, style
-    )
+    ).with_(subseed=variation_seed, subseed_strength=variation_strength)
     _run_and_save(studio, request, out, as_json, count=count, gallery=not no_gallery)
 
 

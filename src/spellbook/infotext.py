@@ -100,6 +100,8 @@ _A1111_FIELDS: dict[str, tuple[str, Any]] = {
     "Model hash": ("model_hash", str),
     "Denoising strength": ("denoising_strength", float),
     "Clip skip": ("clip_skip", int),
+    "Variation seed": ("subseed", int),
+    "Variation seed strength": ("subseed_strength", float),
 }
 
 

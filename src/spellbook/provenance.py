@@ -41,6 +41,8 @@ def infotext_params(recipe: Recipe) -> dict[str, object]:
         "Model": recipe.model.name,
         "VAE hash": recipe.vae.short_hash if recipe.vae else None,
         "VAE": recipe.vae.name if recipe.vae else None,
+        "Variation seed": recipe.image_subseed if recipe.subseed_strength else None,
+        "Variation seed strength": f"{recipe.subseed_strength:g}" if recipe.subseed_strength else None,
         "Denoising strength": f"{recipe.strength:g}" if recipe.strength is not None else None,
         "Clip skip": recipe.clip_skip if recipe.clip_skip > 1 else None,
         "TI hashes": ", ".join(f"{c.name}: {c.short_hash}" for c in recipe.concepts) or None,
@@ -165,6 +167,8 @@ def request_from_foreign(found: dict[str, Any], model_name: str | None = None) -
         width=found.get("width"),
         height=found.get("height"),
         clip_skip=found.get("clip_skip"),
+        subseed=found.get("subseed") if found.get("subseed_strength") else None,
+        subseed_strength=found.get("subseed_strength") or None,
     )
 
 

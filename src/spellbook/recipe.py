@@ -232,6 +232,9 @@ class Recipe:
     mask: InputRef | None = None
     clip_skip: int = 1
     styles: tuple[str, ...] = ()  # the styles whose templates made `prompt` / `negative_prompt` (already expanded)
+    # A1111's variation seed: the noise of seed + i moved towards that of subseed + i by subseed_strength (txt2img)
+    subseed: int | None = None
+    subseed_strength: float = 0.0
     build: Build | None = None
     version: int = RECIPE_VERSION
 
@@ -239,6 +242,11 @@ class Recipe:
     def image_seed(self) -> int:
         """The seed of this image's own noise (A1111's per-image 'Seed')."""
         return self.seed + self.batch_index
+
+    @property
+    def image_subseed(self) -> int | None:
+        """The variation seed of this image (A1111's per-image 'Variation seed'), when one is used."""
+        return None if self.subseed is None else self.subseed + self.batch_index
 
     def for_image(self, index: int) -> Recipe:
         return replace(self, batch_index=index)
@@ -254,6 +262,8 @@ class Recipe:
             data["styles"] = list(self.styles)
         else:
             del data["styles"]  # written only when used: every earlier recipe reads and writes as before
+        if not self.subseed_strength:
+            del data["subseed"], data["subseed_strength"]  # likewise
         return data
 
     def to_json(self) -> str:
@@ -302,6 +312,8 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "steps": (int,),
     "guidance": (int, float),
     "seed": (int,),
+    "subseed": (int,),
+    "subseed_strength": (int, float),
     "batch_size": (int,),
     "batch_index": (int,),
     "width": (int,),
@@ -397,6 +409,16 @@ def validate(recipe: Recipe, limits: Limits = Limits()) -> Recipe:
         )
     if not 1 <= r.clip_skip <= 12:
         raise UserError(f"clip skip {r.clip_skip}: must be between 1 and 12", field="clip_skip")
+    if not 0.0 <= r.subseed_strength <= 1.0:
+        raise UserError(f"variation strength {r.subseed_strength:g}: must be between 0 and 1", field="subseed_strength")
+    if r.subseed_strength:
+        if r.subseed is None or not 0 <= r.subseed <= MAX_SEED:
+            raise UserError(f"variation seed {r.subseed}: must be between 0 and {MAX_SEED}", field="subseed")
+        if r.kind != "txt2img":
+            raise UserError(
+                f"variation seeds move txt2img's starting noise; {r.kind} starts from its init image",
+                field="subseed_strength",
+            )
     if r.kind == "txt2img":
         if r.init_image or r.mask:
             raise UserError("a txt2img recipe takes no init image or mask", field="init_image")
@@ -442,6 +464,8 @@ class ImageRequest:
     init_image_path: str = ""  # where the init image was read from (recorded as a hint for `reproduce`)
     mask_path: str = ""
     styles: tuple[str, ...] = ()  # names in the style library, applied in order (Studio.plan expands them)
+    subseed: int | None = None  # A1111's variation seed (None or -1: random, recorded, when a strength is given)
+    subseed_strength: float | None = None
 
     def with_(self, **changes: Any) -> ImageRequest:
         return replace(self, **changes)
@@ -505,6 +529,11 @@ def make_recipe(
     merged.update(chosen)
     if merged.get("seed") in (None, -1):
         merged["seed"] = (rng or random.SystemRandom()).randint(0, MAX_SEED)
+    if merged.get("subseed_strength"):
+        if merged.get("subseed") in (None, -1):
+            merged["subseed"] = (rng or random.SystemRandom()).randint(0, MAX_SEED)
+    else:
+        merged.pop("subseed", None)  # no strength: no variation, and nothing recorded
     values = {k: _convert(k, v) for k, v in merged.items()}
     values.update(init_image=init_image, mask=mask, concepts=tuple(concepts), build=build, vae=vae)
     if model is not None:

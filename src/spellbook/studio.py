@@ -44,7 +44,7 @@ _NUMBERED = re.compile(r"^(\d{5})-")
 _HARMLESS_A1111 = {"Version", "Template", "Negative Template", "Styles array", "Hashes", "User", "Comments",
                    "App", "Emphasis", "Schedule max sigma", "Schedule min sigma", "Schedule rho"}  # fmt: skip
 # Keys whose value at A1111's default changes nothing.
-_DEFAULT_A1111 = {"ENSD": "0", "Eta": "1", "Eta DDIM": "0", "Variation seed strength": "0", "Token merging ratio": "0",
+_DEFAULT_A1111 = {"ENSD": "0", "Eta": "1", "Eta DDIM": "0", "Token merging ratio": "0",
                   "Noise multiplier": "1", "Emphasis": "Original", "RNG": "CPU"}  # fmt: skip
 
 
@@ -56,8 +56,6 @@ def unhonoured_settings(extra: Mapping[str, str]) -> dict[str, str]:
         if key in _HARMLESS_A1111 and key not in _DEFAULT_A1111:
             continue
         if key in _DEFAULT_A1111 and str(value).strip() == _DEFAULT_A1111[key]:
-            continue
-        if key == "Variation seed" and str(extra.get("Variation seed strength", "0")).strip() in ("0", "0.0"):
             continue
         found[key] = value
     return found

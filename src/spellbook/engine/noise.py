@@ -15,3 +15,28 @@ def image_generators(seed: int, count: int, first_index: int = 0) -> list[torch.
 def initial_latents(generators: list[torch.Generator], channels: int, height: int, width: int) -> torch.Tensor:
     """Standard normal latents (before the scheduler's init sigma), one draw per image generator."""
     return torch.cat([torch.randn((1, channels, height, width), generator=g, dtype=torch.float32) for g in generators])
+
+
+def slerp(val: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """A1111's spherical interpolation of two noises (modules/processing.py `slerp`), as it writes it: norms
+    along dim 1 of a (channels, height, width) tensor, and its near-parallel shortcut unchanged, so a variation
+    seed draws the noise A1111 draws from the same CPU noise."""
+    low_norm = low / torch.norm(low, dim=1, keepdim=True)
+    high_norm = high / torch.norm(high, dim=1, keepdim=True)
+    dot = (low_norm * high_norm).sum(1)
+    if dot.mean() > 0.9995:
+        return low * val + high * (1 - val)
+    omega = torch.acos(dot)
+    so = torch.sin(omega)
+    return (torch.sin((1.0 - val) * omega) / so).unsqueeze(1) * low + (torch.sin(val * omega) / so).unsqueeze(1) * high
+
+
+def variation_latents(latents: torch.Tensor, subseed: int, strength: float, first_index: int = 0) -> torch.Tensor:
+    """A1111's variation seed: each image's noise moved towards the noise of subseed + index by `strength`
+    (0: the seed's own noise, 1: the subseed's). The subseed's noise comes from generators of its own, so the
+    seed's generators (which ancestral samplers draw from later) are untouched."""
+    if not strength:
+        return latents
+    channels, height, width = latents.shape[1:]
+    sub = initial_latents(image_generators(subseed, len(latents), first_index), channels, height, width)
+    return torch.stack([slerp(strength, a, b) for a, b in zip(latents, sub, strict=True)])

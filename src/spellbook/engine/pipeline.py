@@ -20,7 +20,7 @@ from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipe
 from PIL import Image, ImageFilter
 
 from spellbook.engine.guards import check_images
-from spellbook.engine.noise import image_generators, initial_latents
+from spellbook.engine.noise import image_generators, initial_latents, variation_latents
 from spellbook.engine.prompts import (
     ConceptTokens,
     check_concepts,
@@ -326,7 +326,14 @@ def _denoise(
                 recipe.height // components.vae_scale_factor,
                 recipe.width // components.vae_scale_factor,
             )
-            latents = initial_latents(generators, *latent_shape).to(components.unet.device)
+            latents = torch.cat(  # each piece's own noise, moved towards its variation seed's where asked
+                [
+                    variation_latents(part, piece.recipe.subseed or 0, piece.recipe.subseed_strength, piece.start)
+                    for piece, part in zip(
+                        group, initial_latents(generators, *latent_shape).split([p.count for p in group]), strict=True
+                    )
+                ]
+            ).to(components.unet.device)
             result = pipe(height=recipe.height, width=recipe.width, latents=latents, **common)
         elif recipe.kind == "img2img":
             result = pipe(image=init_image, strength=recipe.strength, **common)
@@ -374,7 +381,9 @@ def to_pil(images: np.ndarray) -> list[Image.Image]:
 
 
 # Fields that may differ between recipes sharing one forward pass; everything else must be equal.
-_PER_JOB_FIELDS = {"prompt", "negative_prompt", "seed", "batch_size", "batch_index", "build", "styles"}
+_PER_JOB_FIELDS = {
+    "prompt", "negative_prompt", "seed", "batch_size", "batch_index", "build", "styles", "subseed", "subseed_strength",
+}  # fmt: skip
 
 
 def can_share_batch(a: Recipe, b: Recipe) -> bool:

@@ -188,7 +188,17 @@ class EmbeddedWorker(BackgroundLoop):
         self.filer = filer
         self.id = f"embedded:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.live: dict[str, JobProgress] = {}
+        self._running: set[threading.Event] = set()  # the cancel events of the jobs running now
         super().__init__()
+
+    def stop(self, timeout: float = 10) -> None:
+        """Stop taking jobs and stop the running ones at their next step: they keep their lease in the store and
+        run again after a restart (recover), and the process never exits with a thread inside torch (which
+        aborts the interpreter)."""
+        self._stop.set()
+        for cancel in list(self._running):
+            cancel.set()
+        super().stop(timeout)
 
     def recover(self) -> int:
         """Jobs an earlier embedded worker was running when its process died go back to the queue now."""
@@ -219,6 +229,9 @@ class EmbeddedWorker(BackgroundLoop):
         """While the jobs run: their live progress, and a heartbeat that renews their lease (with the progress)
         and sets the yielded event once every one of them was cancelled."""
         cancel = threading.Event()
+        if self._stop.is_set():
+            cancel.set()
+        self._running.add(cancel)
         for job_id in ids:
             self.live[job_id] = JobProgress()
         beat_stop = threading.Event()
@@ -236,6 +249,7 @@ class EmbeddedWorker(BackgroundLoop):
         try:
             yield cancel
         finally:
+            self._running.discard(cancel)
             beat_stop.set()
             beater.join()
 

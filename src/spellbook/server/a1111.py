@@ -42,6 +42,8 @@ class A1111Request(BaseModel):
     negative_prompt: str = Field("", max_length=20_000)
     styles: list[str] | None = None
     seed: int = -1
+    subseed: int = -1
+    subseed_strength: float = Field(0.0, ge=0, le=1, description="variation strength (txt2img)")
     sampler_name: str | None = None
     sampler_index: str | None = None
     scheduler: str | None = None
@@ -71,7 +73,6 @@ _OFF = {
     "enable_hr": ((False, None), "hires fix"),
     "restore_faces": ((False, None), "face restoration"),
     "tiling": ((False, None), "tiling"),
-    "subseed_strength": ((0, 0.0, None), "variation seeds"),
     "seed_resize_from_h": ((0, -1, None), "resizing the seed"),
     "seed_resize_from_w": ((0, -1, None), "resizing the seed"),
     "script_name": ((None, ""), "scripts"),
@@ -105,7 +106,7 @@ _INPAINT_ONLY = {"inpaint_full_res", "latent_mask", "inpaint_full_res_padding", 
 # count when enable_hr is true, options of pix2pix models and of A1111's own output folders, and the seed of
 # a variation whose strength is 0.
 _NO_EFFECT = {
-    "hr_scale", "hr_upscaler", "hr_second_pass_steps", "subseed", "do_not_save_samples", "do_not_save_grid",
+    "hr_scale", "hr_upscaler", "hr_second_pass_steps", "do_not_save_samples", "do_not_save_grid",
     "override_settings_restore_afterwards", "image_cfg_scale", "include_init_images", "inpaint_full_res_padding",
     "mask_round", "disable_extra_networks", "comments", "force_task_id", "infotext", "use_deprecated_controlnet",
     "use_async", "distilled_cfg_scale", "firstpass_image", "sampler_index",
@@ -205,6 +206,8 @@ def to_request(services: Services, body: A1111Request, kind: str) -> ImageReques
         height=body.height,
         clip_skip=body.override_settings.get("CLIP_stop_at_last_layers"),
         styles=tuple(body.styles or ()),
+        subseed=None if body.subseed == -1 else body.subseed,
+        subseed_strength=body.subseed_strength or None,
     )
     if kind == "txt2img":
         return request
@@ -283,6 +286,8 @@ def _run(
                     batch = request.with_(seed=jobs[0].recipe.seed + k * request.batch_size)
                 else:
                     batch = request.with_(seed=request.seed + k * request.batch_size)
+                if request.subseed_strength:  # the variation seeds follow too (A1111's all_subseeds)
+                    batch = batch.with_(subseed=jobs[0].recipe.subseed + k * request.batch_size)
             key = None if idempotency_key is None else (idempotency_key if k == 0 else f"{idempotency_key}#{k}")
             jobs.append(submit(services, who, batch, Idempotency.of(key, body.model_dump_json())))
     except SpellbookError as error:
@@ -304,7 +309,7 @@ def _run(
 
 
 def _response(services: Services, jobs: list[Job], body: A1111Request) -> dict[str, Any]:
-    images, infotexts, seeds = [], [], []
+    images, infotexts, seeds, subseeds = [], [], [], []
     done = [job for job in jobs if job.state == "done"]
     for job in done:
         for record in job.result["images"]:
@@ -313,6 +318,7 @@ def _response(services: Services, jobs: list[Job], body: A1111Request) -> dict[s
                 images.append(base64.b64encode(path.read_bytes()).decode())
             infotexts.append(read_png_text(path).get("parameters", ""))
             seeds.append(record["seed"])
+            subseeds.append(job.recipe.subseed + record["index"] if job.recipe.subseed is not None else -1)
     recipe: Recipe = jobs[0].recipe
     count = len(seeds)
     info = {
@@ -322,9 +328,9 @@ def _response(services: Services, jobs: list[Job], body: A1111Request) -> dict[s
         "all_negative_prompts": [recipe.negative_prompt] * count,
         "seed": recipe.seed,
         "all_seeds": seeds,
-        "subseed": -1,
-        "all_subseeds": [-1] * count,
-        "subseed_strength": 0,
+        "subseed": recipe.subseed if recipe.subseed is not None else -1,
+        "all_subseeds": subseeds,
+        "subseed_strength": recipe.subseed_strength,
         "width": recipe.width,
         "height": recipe.height,
         "sampler_name": recipe.sampler,

@@ -54,6 +54,8 @@ class JobRequest(BaseModel):
     strength: float | None = Field(None, ge=0, le=1)
     clip_skip: int | None = Field(None, ge=1, le=12)
     styles: list[str] = Field(default_factory=list, max_length=20, description="styles from the library, in order")
+    subseed: int | None = Field(None, ge=-1, le=2**32 - 1, description="variation seed (-1/unset: random)")
+    subseed_strength: float | None = Field(None, ge=0, le=1, description="variation strength (txt2img)")
     init_image: str | None = Field(None, description="img2img/inpaint: base64 PNG/JPEG (or a data: URL)")
     mask: str | None = Field(None, description="inpaint: base64 mask, white = repaint")
 
