@@ -273,6 +273,85 @@ def generate(
     _run_and_save(studio, request, out, as_json, count=count, gallery=not no_gallery)
 
 
+@app.command()
+def grid(
+    prompt: Annotated[str, typer.Argument(help="What to draw; the axes vary it.")],
+    x: Annotated[
+        str | None, typer.Option("--x", help="FIELD=VALUES, e.g. 'seed=1,2,3' or 'steps=10-30 (+10)'.")
+    ] = None,
+    y: Annotated[str | None, typer.Option("--y", help="FIELD=VALUES, e.g. 'cfg=3-9 [4]'.")] = None,
+    z: Annotated[str | None, typer.Option("--z", help="FIELD=VALUES: one grid per value.")] = None,
+    negative: Negative = None,
+    steps: Steps = None,
+    cfg: Cfg = None,
+    sampler: Sampler = None,
+    schedule: Schedule = None,
+    size: Size = None,
+    seed: Seed = None,
+    model: Model = None,
+    vae: Vae = None,
+    clip_skip: ClipSkip = None,
+    style: Styles = None,
+    out: Out = Path("out"),
+    as_json: Json = False,
+    no_gallery: NoGallery = False,
+) -> None:
+    """X/Y/Z plot: PROMPT varied along up to three axes; a labelled grid PNG per Z value, and every cell."""
+    from spellbook.grid import parse_axis
+
+    axes = [parse_axis(text, option) if text else None for text, option in ((x, "--x"), (y, "--y"), (z, "--z"))]
+    if not any(axes):
+        raise UserError("give at least one axis, e.g. --x 'seed=1,2,3'", field="x")
+    studio = _studio()
+    base = _generation_request(
+        prompt, negative, steps, cfg, sampler, schedule, size, seed, 1, model, vae, clip_skip, style
+    )
+    records = _run_grid(studio, base, axes, out, not as_json and sys.stderr.isatty(), gallery=not no_gallery)
+    if as_json:
+        _echo_json(records)
+    else:
+        for record in records["grids"]:
+            typer.echo(record)
+
+
+def _run_grid(studio, base, axes, out: Path, show_progress: bool, gallery: bool = True, cells=None) -> dict:
+    """Plan every cell (nothing runs if one is wrong), run them, save them, and draw one grid per Z value."""
+    from spellbook.grid import draw_grid, plan_cells
+    from spellbook.provenance import write_grid
+    from spellbook.studio import next_image_number
+
+    if cells is None:
+        cells = plan_cells(base, axes, studio.plan, studio.settings.max_grid_cells)
+    bar, callback = _progress_bar(f"grid of {len(cells)}", show_progress)
+    results = []
+    with bar:
+        for number, cell in enumerate(cells):
+            results += studio.run(cell.recipe, on_step=callback)
+            if callback is not None:
+                bar.update(bar.task_ids[0], description=f"cell {number + 1}/{len(cells)}")
+    written = studio.save(results, out)
+    if gallery:
+        _file_in_gallery(studio, written)
+    x_axis, y_axis, z_axis = axes
+    grids = []
+    first = next_image_number(out)
+    for z in range(len(z_axis.values) if z_axis else 1):
+        members = [(cell, saved) for cell, saved in zip(cells, written, strict=True) if cell.z == z]
+        title = f"{z_axis.name}: {z_axis.values[z]}" if z_axis else ""
+        image = draw_grid([saved.image for _, saved in members], x_axis, y_axis, title)
+        described = [None if a is None else {"name": a.name, "field": a.field, "values": list(a.values)} for a in axes]
+        data = {
+            "axes": dict(zip(("x", "y", "z"), described, strict=True)),
+            "z": z,
+            "cells": [
+                {"x": cell.x, "y": cell.y, "file": saved.path.name, "recipe": cell.recipe.to_dict()}
+                for cell, saved in members
+            ],
+        }
+        grids.append(str(write_grid(image, data, out / f"{first + z:05d}-grid.png")))
+    return {"grids": grids, "cells": [{"path": str(r.path), "recipe": r.recipe.to_dict()} for r in written]}
+
+
 def _open(path: Path, field: str):
     from spellbook.provenance import open_image
 
@@ -390,7 +469,13 @@ def reproduce(
         bool, typer.Option("--lenient", help="Run an A1111 image without the settings Spellbook lacks (warned).")
     ] = False,
 ) -> None:
-    """Run an image's recipe again."""
+    """Run an image's recipe again (a grid's: every cell, and the grid)."""
+    from spellbook.provenance import read_grid
+
+    grid_data = read_grid(image)
+    if grid_data is not None:
+        _reproduce_grid(grid_data, out, as_json)
+        return
     studio = _studio()
     bar, callback = _progress_bar("reproduce", not as_json and sys.stderr.isatty())
     with bar:
@@ -407,6 +492,30 @@ def reproduce(
         _echo_json({"path": str(saved.path), "recipe": saved.recipe.to_dict()})
     else:
         typer.echo(saved.path)
+
+
+def _reproduce_grid(data: dict, out: Path, as_json: bool) -> None:
+    from spellbook.grid import Axis, Cell
+    from spellbook.recipe import Recipe, validate
+
+    studio = _studio()
+    axes = [
+        None if not (a := data.get("axes", {}).get(key)) else Axis(a["name"], a["field"], tuple(a["values"]))
+        for key in ("x", "y", "z")
+    ]
+    z = int(data.get("z", 0))
+    cells = [
+        Cell(int(c["x"]), int(c["y"]), 0, validate(Recipe.from_dict(c["recipe"]), studio.limits)) for c in data["cells"]
+    ]
+    title_axis = axes[2]
+    if title_axis is not None:  # the one Z value this grid shows
+        axes[2] = Axis(title_axis.name, title_axis.field, (title_axis.values[z],))
+    records = _run_grid(studio, None, axes, out, not as_json and sys.stderr.isatty(), cells=cells)
+    if as_json:
+        _echo_json(records)
+    else:
+        for record in records["grids"]:
+            typer.echo(record)
 
 
 @app.command()

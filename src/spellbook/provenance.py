@@ -94,6 +94,33 @@ def write_png_bytes(data: bytes, path: Path) -> Path:
     return path
 
 
+GRID_CHUNK = "spellbook-grid"
+
+
+def write_grid(image: Image.Image, grid: dict, path: Path) -> Path:
+    """An X/Y/Z grid PNG: its axes and every cell's recipe in one `spellbook-grid` chunk (JSON), so the whole grid
+    can be run again. No `parameters` chunk: a grid is not one image's recipe."""
+    import io
+
+    buffer = io.BytesIO()
+    write_png_text(image, buffer, {GRID_CHUNK: json.dumps(grid, ensure_ascii=False)})
+    return write_png_bytes(buffer.getvalue(), path)
+
+
+def read_grid(path: Path) -> dict | None:
+    """The `spellbook-grid` chunk of a grid PNG (axes, cells with recipes), or None for any other image."""
+    text = read_png_text(open_image(path)).get(GRID_CHUNK)
+    if not text:
+        return None
+    try:
+        grid = json.loads(text)
+    except ValueError:
+        raise UserError(f"{path}: its {GRID_CHUNK} chunk is not valid JSON", field="image") from None
+    if not isinstance(grid, dict) or not isinstance(grid.get("cells"), list):
+        raise UserError(f"{path}: its {GRID_CHUNK} chunk lists no cells", field="image")
+    return grid
+
+
 def png_bytes(image: Image.Image, recipe: Recipe) -> bytes:
     """The PNG file `write_result` would write, as bytes (for remote workers)."""
     import io

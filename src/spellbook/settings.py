@@ -24,6 +24,7 @@ class Settings:
     max_pixels: int = 2048 * 2048  # per image, width x height
     max_batch: int = 16
     max_steps: int = 150
+    max_grid_cells: int = 100  # cells of one X/Y/Z grid
     allow_pickle: bool = False
     # server
     host: str = "127.0.0.1"

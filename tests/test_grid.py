@@ -1,0 +1,101 @@
+"""X/Y/Z plots (`spellbook grid`): axes parsed as A1111 writes them, every cell planned before anything runs,
+the cells saved with their recipes, a labelled grid per Z value, and `reproduce` running a whole grid again."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from clirun import run_cli
+from spellbook.errors import UserError
+from spellbook.grid import parse_axis
+from spellbook.provenance import read_grid
+
+
+@pytest.mark.parametrize(
+    "text, values",
+    [
+        ("seed=1,2,3", ("1", "2", "3")),
+        ("steps=10-30 (+10)", ("10", "20", "30")),
+        ("steps=1-4", ("1", "2", "3", "4")),
+        ("cfg=3-9 [4]", ("3", "5", "7", "9")),
+        ("cfg=1.5-2.5 (+0.5)", ("1.5", "2", "2.5")),
+        ("seed=5-1 (-2)", ("5", "3", "1")),
+        ('sampler="Euler a", DDIM', ("Euler a", "DDIM")),
+        ("prompt_sr=red,green,blue", ("red", "green", "blue")),
+        ("Prompt S/R=red,blue", ("red", "blue")),
+        ("size=32x32,48x32", ("32x32", "48x32")),
+    ],
+)
+def test_axes_read_as_a1111_writes_them(text, values):
+    assert parse_axis(text, "--x").values == values
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("seed", "FIELD=VALUES"),
+        ("colour=red", "unknown field 'colour'"),
+        ("steps=1,abc", "'abc' is not a number"),
+        ("steps=1.5", "not a whole number"),
+        ("steps=1-10 (-1)", "the step must go"),
+        ("prompt_sr=red", "at least one replacement"),
+    ],
+)
+def test_bad_axes_are_refused_by_name(text, words):
+    with pytest.raises(UserError) as refused:
+        parse_axis(text, "--y")
+    assert refused.value.field == "--y" and words in refused.value.message
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch, home, tiny_model_dir):
+    def call(*args):
+        return run_cli(args, capsys, monkeypatch)
+
+    assert call("models", "add", tiny_model_dir, "--name", "tiny")[0] == 0
+    return call
+
+
+def test_a_grid_saves_every_cell_and_a_labelled_grid_per_z_that_reproduces(cli, tmp_path):
+    out = tmp_path / "out"
+    code, stdout, err = cli(
+        "grid", "a red circle", "--x", "prompt_sr=red,blue", "--y", "steps=2-3", "--z", "cfg=3,6",
+        "--model", "tiny", "--seed", "7", "--out", out, "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    records = json.loads(stdout)
+    assert len(records["cells"]) == 8 and len(records["grids"]) == 2
+    recipes = [cell["recipe"] for cell in records["cells"]]
+    assert [r["prompt"] for r in recipes[:4]] == ["a red circle", "a blue circle"] * 2  # x fastest
+    assert [r["steps"] for r in recipes[:4]] == [2, 2, 3, 3] and {r["seed"] for r in recipes} == {7}
+    assert [r["guidance"] for r in recipes] == [3.0] * 4 + [6.0] * 4
+    first = Image.open(records["grids"][0])
+    cell = Image.open(records["cells"][0]["path"])
+    scale = -(-128 // cell.width)
+    assert first.width >= 2 * cell.width * scale and first.height >= 2 * cell.height * scale  # labels around
+    grid = read_grid(records["grids"][1])
+    assert (
+        grid["axes"]["x"]["values"] == ["red", "blue"] and [c["recipe"]["guidance"] for c in grid["cells"]] == [6.0] * 4
+    )
+    # reproduce runs the whole grid again: the same cells, the same grid pixels.
+    code, stdout, err = cli("reproduce", records["grids"][1], "--out", tmp_path / "again", "--json")
+    assert code == 0, err
+    again = json.loads(stdout)
+    assert [c["recipe"]["prompt"] for c in again["cells"]] == [c["recipe"]["prompt"] for c in records["cells"][4:]]
+    assert np.array_equal(np.asarray(Image.open(again["grids"][0])), np.asarray(Image.open(records["grids"][1])))
+
+
+def test_a_bad_cell_or_too_many_cells_stop_the_grid_before_anything_runs(cli, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    code, _, err = cli("grid", "x", "--x", "sampler=DDIM,Bogus", "--model", "tiny", "--out", out)
+    assert code == 2 and "cell sampler=Bogus" in err and "unknown sampler" in err
+    monkeypatch.setenv("SPELLBOOK_MAX_GRID_CELLS", "4")
+    code, _, err = cli("grid", "x", "--x", "seed=1-3", "--y", "steps=1-2", "--model", "tiny", "--out", out)
+    assert code == 2 and "6 cells" in err and "at most 4" in err
+    assert not out.exists()  # nothing ran
+    code, _, err = cli("grid", "x", "--model", "tiny", "--out", out)
+    assert code == 2 and "at least one axis" in err
