@@ -10,7 +10,6 @@ from __future__ import annotations
 import difflib
 import json
 import random
-import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
@@ -409,6 +408,7 @@ def validate(recipe: Recipe, limits: Limits = Limits()) -> Recipe:
         )
     if not 1 <= r.clip_skip <= 12:
         raise UserError(f"clip skip {r.clip_skip}: must be between 1 and 12", field="clip_skip")
+    _check_composable(r)
     if not 0.0 <= r.subseed_strength <= 1.0:
         raise UserError(f"variation strength {r.subseed_strength:g}: must be between 0 and 1", field="subseed_strength")
     if r.subseed_strength:
@@ -432,6 +432,26 @@ def validate(recipe: Recipe, limits: Limits = Limits()) -> Recipe:
             raise UserError(f"strength {strength:g}: must be above 0 and at most 1", field="strength")
         r = replace(r, strength=strength)
     return replace(r, sampler=sampler, schedule=schedule)
+
+
+def _check_composable(r: Recipe) -> None:
+    """AND parts and prompt weights (`a AND b :0.7`) guide through CFG: each part is one more UNet pass."""
+    from spellbook.engine.schedule import MAX_PARTS, composable_parts, is_composable
+
+    if not is_composable(r.prompt):
+        return
+    parts = composable_parts(r.prompt)
+    if len(parts) > MAX_PARTS:
+        raise UserError(
+            f"the prompt has {len(parts)} parts joined by AND; at most {MAX_PARTS} are allowed", field="prompt"
+        )
+    if r.guidance <= 1:
+        what = "AND" if len(parts) > 1 else f"the prompt weight :{parts[0][1]:g} at its end"
+        raise UserError(
+            f"{what} works through classifier-free guidance, which is off at CFG scale {r.guidance:g}",
+            field="guidance",
+            hint="use a CFG scale above 1, or write the prompt without AND and a trailing :weight",
+        )
 
 
 @dataclass(frozen=True)
@@ -486,7 +506,6 @@ class ImageRequest:
 
 
 _REQUEST_ONLY = {"model", "vae", "init_image", "mask", "init_image_path", "mask_path"}
-_AND = re.compile(r"\bAND\b")  # A1111's separator of composable prompts (modules/prompt_parser.py re_AND)
 
 
 def make_recipe(
@@ -509,15 +528,6 @@ def make_recipe(
     """
     if not isinstance(request, ImageRequest):
         request = ImageRequest.from_dict(request)
-    for text, field_name in ((request.prompt, "prompt"), (request.negative_prompt, "negative_prompt")):
-        if _AND.search(text):
-            # A1111 splits prompts on AND (composable diffusion); encoding it as a word would draw something else.
-            raise UserError(
-                "AND (composable diffusion: several prompts, each its own conditioning) is not supported yet; "
-                "nothing was run",
-                field=field_name,
-                hint="write one prompt, or switch between prompts with [from:to:when] or alternate with [a|b]",
-            )
     if (request.init_image is not None and init_image is None) or (request.mask is not None and mask is None):
         raise ValueError("make_recipe takes image inputs as refs: store them first (Studio.plan does) and pass them")
     chosen = {

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from PIL import Image, ImageFilter
 
 from spellbook.engine.guards import check_images
@@ -29,7 +30,7 @@ from spellbook.engine.prompts import (
     prompt_signature,
 )
 from spellbook.engine.samplers import SAMPLER_SPECS, make_scheduler
-from spellbook.engine.schedule import prompt_schedule, text_at_step
+from spellbook.engine.schedule import composable_parts, prompt_schedule, text_at_step
 from spellbook.errors import Cancelled, UserError
 from spellbook.models.components import Components
 from spellbook.recipe import Recipe
@@ -60,6 +61,9 @@ class _Slice:
     # Prompt editing / alternation: ((last_step, positive, negative), …) when the conditioning changes between
     # steps (engine/schedule.py); `positive`/`negative` are then step 1's.
     schedule: tuple = ()
+    # Composable diffusion (`a AND b :0.7`): one weight per part; `positive` is then the parts' conditionings
+    # side by side along the tokens, `negative` repeated as often (see `_ComposableUNet`).
+    weights: tuple[float, ...] = (1.0,)
 
     def at_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         for last, positive, negative in self.schedule:
@@ -107,20 +111,17 @@ def generate(
     # 2. Encode each prompt once (A1111 syntax, long prompts, concepts); a repeated prompt comes from the cache.
     slices = []
     for index, recipe in enumerate(recipes):
-        schedule = scheduled_conditioning(components, recipe, concepts)
-        slices.append(_Slice(index, recipe, schedule[0][1], schedule[0][2], 0, recipe.batch_size, schedule))
-    # 3. Plan the forward passes: prompts of different lengths (75-token chunks) cannot share a tensor; a batch
-    #    whose sampler draws one noise stream for all images runs image by image (batch invariance).
+        weights, schedule = prompt_conditioning(components, recipe, concepts)
+        slices.append(_Slice(index, recipe, schedule[0][1], schedule[0][2], 0, recipe.batch_size, schedule, weights))
+    # 3. Plan the forward passes: prompts of different lengths (75-token chunks) or with a different number of
+    #    AND parts cannot share a tensor; a batch whose sampler draws one noise stream for all images runs image
+    #    by image (batch invariance).
     by_shape: dict[tuple[int, ...], list[_Slice]] = {}
     for piece in slices:
-        by_shape.setdefault(tuple(piece.positive.shape), []).append(piece)
+        by_shape.setdefault((*piece.positive.shape, len(piece.weights)), []).append(piece)
     passes = list(by_shape.values())
     if not SAMPLER_SPECS[first.sampler].batch_invariant:
-        passes = [
-            [_Slice(x.index, x.recipe, x.positive, x.negative, i, 1, x.schedule)]
-            for x in slices
-            for i in range(x.count)
-        ]
+        passes = [[replace(x, start=i, count=1)] for x in slices for i in range(x.count)]
     # 4. Denoise and decode pass after pass; the step count runs on across passes.
     pieces: list[list[np.ndarray]] = [[] for _ in recipes]
     for number, group in enumerate(passes):
@@ -174,24 +175,33 @@ def encode_conditioning(
     )
 
 
-def scheduled_conditioning(
+def prompt_conditioning(
     components: Components, recipe: Recipe, concepts: dict[str, torch.Tensor]
-) -> tuple[tuple[int, torch.Tensor, torch.Tensor], ...]:
-    """((last_step, positive, negative), …): the conditioning of each stretch of steps. One entry, the prompts
-    as written, unless prompt editing or alternation (`[a:b:0.5]`, `[a|b]`) changes the text between steps;
-    then every text is encoded to the same number of chunks, so one step's can replace another's."""
+) -> tuple[tuple[float, ...], tuple[tuple[int, torch.Tensor, torch.Tensor], ...]]:
+    """(weights, ((last_step, positive, negative), …)): the weight of each AND part of the prompt, and the
+    conditioning of each stretch of steps. One stretch, the prompts as written, unless prompt editing or
+    alternation (`[a:b:0.5]`, `[a|b]`) changes a text between steps; then every text is encoded to the same
+    number of chunks, so one step's can replace another's. With several parts, `positive` holds each part's
+    conditioning side by side along the tokens (1, parts * tokens, width) and `negative` is repeated to match."""
     steps = recipe.steps
-    positive, negative = prompt_schedule(recipe.prompt, steps), prompt_schedule(recipe.negative_prompt, steps)
-    if positive == ((steps, recipe.prompt),) and negative == ((steps, recipe.negative_prompt),):
-        return ((steps, *encode_conditioning(components, recipe, concepts)),)
-    lasts = sorted({last for last, _ in positive} | {last for last, _ in negative})
-    texts = [(last, text_at_step(positive, last), text_at_step(negative, last)) for last in lasts]
+    parts = composable_parts(recipe.prompt)
+    weights = tuple(weight for _, weight in parts)
+    positives = [prompt_schedule(text, steps) for text, _ in parts]
+    negative = prompt_schedule(recipe.negative_prompt, steps)
+    if len(parts) == 1 and positives[0] == ((steps, parts[0][0]),) and negative == ((steps, recipe.negative_prompt),):
+        return weights, ((steps, *encode_conditioning(components, recipe, concepts, parts[0][0])),)
+    lasts = sorted({last for schedule in (*positives, negative) for last, _ in schedule})
+    texts = [
+        (last, [text_at_step(schedule, last) for schedule in positives], text_at_step(negative, last)) for last in lasts
+    ]
     tokens = ConceptTokens.build(concepts, components.text_encoder.get_input_embeddings().num_embeddings)
-    chunks = max(chunk_count(components.tokenizer, text, tokens) for _, *pair in texts for text in pair)
-    return tuple(
-        (last, *encode_conditioning(components, recipe, concepts, pos, neg, min_chunks=chunks))
-        for last, pos, neg in texts
-    )
+    chunks = max(chunk_count(components.tokenizer, text, tokens) for _, texts_, neg in texts for text in (*texts_, neg))
+    stretches = []
+    for last, texts_, neg in texts:
+        pairs = [encode_conditioning(components, recipe, concepts, text, neg, min_chunks=chunks) for text in texts_]
+        positive = torch.cat([pos for pos, _ in pairs], dim=1)
+        stretches.append((last, positive, pairs[0][1].repeat(1, len(pairs), 1)))
+    return weights, tuple(stretches)
 
 
 def _check_inputs(
@@ -245,7 +255,7 @@ def _mask_to_l(mask: Image.Image) -> Image.Image:
     return mask.convert("L")
 
 
-def _pipeline(components: Components, recipe: Recipe, noise_seed: int):
+def _pipeline(components: Components, recipe: Recipe, noise_seed: int, unet=None):
     # make_scheduler refuses a sampler/schedule pair that cannot run on this model (check_pair) before anything runs.
     scheduler = make_scheduler(
         recipe.sampler, recipe.schedule, components.scheduler_config, noise_seed, steps=recipe.steps
@@ -259,7 +269,7 @@ def _pipeline(components: Components, recipe: Recipe, noise_seed: int):
         vae=components.vae,
         text_encoder=components.text_encoder,
         tokenizer=components.tokenizer,
-        unet=components.unet,
+        unet=components.unet if unet is None else unet,
         scheduler=scheduler,
         safety_checker=None,
         feature_extractor=None,
@@ -297,8 +307,19 @@ def _denoise(
     """One forward pass over the images of `group` (recipes that share everything but prompts and seeds)."""
     first = group[0]
     recipe = first.recipe
-    # 1. The pipeline; a Brownian-tree sampler (DPM++ SDE) seeds its tree from the pass's first image.
-    pipe = _pipeline(components, recipe, noise_seed=recipe.seed + first.start)
+    # 1. The pipeline; a Brownian-tree sampler (DPM++ SDE) seeds its tree from the pass's first image; AND parts
+    #    or a prompt weight: the UNet behind composable guidance.
+    unet = components.unet
+    if any(piece.weights != (1.0,) for piece in group):
+        if recipe.guidance <= 1:
+            raise UserError(
+                f"AND and prompt weights (`prompt :1.5`) work through classifier-free guidance; cfg is {recipe.guidance}",
+                field="guidance",
+                hint="use a CFG scale above 1",
+            )
+        weights = torch.tensor([piece.weights for piece in group for _ in range(piece.count)], dtype=torch.float32)
+        unet = _ComposableUNet(components.unet, weights)
+    pipe = _pipeline(components, recipe, noise_seed=recipe.seed + first.start, unet=unet)
     # 2. Each image's prompt embeddings, in order (step 1's, when a prompt changes between steps).
     positive = torch.cat([piece.positive.repeat(piece.count, 1, 1) for piece in group])
     negative = torch.cat([piece.negative.repeat(piece.count, 1, 1) for piece in group])
@@ -366,6 +387,54 @@ def _with_schedule(on_step_end: Callable[..., dict], group: list[_Slice]) -> Cal
         return callback_kwargs
 
     return step_end
+
+
+class _ComposableUNet(torch.nn.Module):
+    """The UNet under composable diffusion (A1111's CFGDenoiser with AND): the pipeline hands it [uncond; cond]
+    as for plain guidance, the cond rows holding every part's conditioning side by side along the tokens. It
+    runs the uncond and each part, and answers [uncond; uncond + sum(weight * (part - uncond))], so that the
+    pipeline's guidance, uncond + cfg * (answer - uncond), is A1111's uncond + cfg * sum(weight * (part - uncond)).
+    """
+
+    def __init__(self, unet: torch.nn.Module, weights: torch.Tensor):
+        super().__init__()
+        self.unet = unet
+        self.weights = weights  # (images, parts)
+
+    @property
+    def config(self):
+        return self.unet.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    def forward(self, sample, timestep, encoder_hidden_states, return_dict: bool = True, **kwargs):
+        images, parts = self.weights.shape
+        if sample.shape[0] != 2 * images:
+            raise RuntimeError(
+                f"composable guidance expects {2 * images} rows (uncond and cond), got {sample.shape[0]}"
+            )
+        tokens = encoder_hidden_states.shape[1] // parts
+        width = encoder_hidden_states.shape[2]
+        uncond_context = encoder_hidden_states[:images, :tokens]
+        # (images, parts * tokens, width) -> part-major rows: part 0's images, part 1's, …
+        part_context = encoder_hidden_states[images:].reshape(images, parts, tokens, width).transpose(0, 1)
+        context = torch.cat([uncond_context, part_context.reshape(parts * images, tokens, width)])
+        latents = torch.cat([sample[:images], *[sample[images:]] * parts])
+        if torch.is_tensor(timestep) and timestep.ndim > 0 and timestep.numel() > 1:
+            timestep = torch.cat([timestep[:images], *[timestep[images:]] * parts])
+        out = self.unet(latents, timestep, encoder_hidden_states=context, return_dict=False, **kwargs)[0]
+        uncond = out[:images]
+        per_part = out[images:].reshape(parts, images, *out.shape[1:])
+        weights = self.weights.T.to(out.dtype).reshape(parts, images, *[1] * (out.ndim - 1))
+        combined = uncond + (weights * (per_part - uncond)).sum(0)
+        result = torch.cat([uncond, combined])
+        return UNet2DConditionOutput(sample=result) if return_dict else (result,)
 
 
 def _overlay(images: np.ndarray, init_image: Image.Image, mask: Image.Image, blur: int = 0) -> np.ndarray:

@@ -9,6 +9,12 @@ concepts: the text of a step is then read like any prompt. Brackets that do not 
 written: `[word]` (less weight), `(word)`, and unbalanced ones. A prompt that A1111's grammar cannot read at
 all (a `|` outside brackets) is used as written for every step, as A1111 does.
 
+Composable diffusion, `a red circle AND a blue square :0.7`: `composable_parts` splits a positive prompt on the
+word AND into sub-prompts, each with its weight (`:number` at its end, 1 when absent), as A1111's
+`get_multicond_prompt_list` does; each part has its own conditioning and its own schedule, and the sampler is
+guided by uncond + cfg * sum(weight * (cond - uncond)). A1111 reads that weight on every positive prompt, with
+or without AND (`a red circle :1.5` is a red circle guided 1.5 times as hard); negative prompts are not split.
+
 `prompt_schedule(prompt, steps)` gives [(last_step, text), …]: `text` conditions steps up to and including
 `last_step` (1-based). It follows A1111's modules/prompt_parser.py (its Lark grammar, `collect_steps` and
 `at_step`); this is our own recursive-descent reading of that grammar, checked against a table of cases in
@@ -159,6 +165,30 @@ def _text_at(nodes: tuple, step: int, steps: int) -> str:
         else:
             parts.append(_text_at(node, step, steps))
     return "".join(parts)
+
+
+_AND = re.compile(r"\bAND\b")  # A1111's re_AND
+_PART_WEIGHT = re.compile(r"^((?:\s|.)*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$")  # A1111's re_weight
+MAX_PARTS = 16  # sub-prompts of one prompt: each is one more UNet pass per step
+
+
+@lru_cache(maxsize=256)
+def composable_parts(prompt: str) -> tuple[tuple[str, float], ...]:
+    """((text, weight), …): the sub-prompts of a positive prompt, split on AND, each with its weight. A prompt
+    without AND and without a trailing `:weight` is one part, itself, weight 1."""
+    parts = []
+    for part in _AND.split(prompt):
+        match = _PART_WEIGHT.match(part)
+        text, weight = match.group(1), match.group(2)
+        parts.append((text, float(weight) if weight is not None else 1.0))
+    if len(parts) == 1 and parts[0][1] == 1.0:
+        return ((prompt, 1.0),)  # as written (trailing spaces and all), so plain prompts encode as they always did
+    return tuple(parts)
+
+
+def is_composable(prompt: str) -> bool:
+    """Whether the prompt needs composable guidance (several parts, or one with a weight other than 1)."""
+    return composable_parts(prompt) != ((prompt, 1.0),)
 
 
 @lru_cache(maxsize=256)

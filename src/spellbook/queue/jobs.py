@@ -94,10 +94,14 @@ def _job(row) -> Job:
 def job_cost(recipe: Recipe) -> int:
     """Credits for a recipe: its work, images x steps x pixels, in units of 2^16 pixel-steps (at least 1).
 
-    The shapes model's default (32x32, 20 steps) costs 1 per image; SD 1.5 at 512x512 and 20 steps, 80.
+    The shapes model's default (32x32, 20 steps) costs 1 per image; SD 1.5 at 512x512 and 20 steps, 80. A prompt
+    of n parts joined by AND runs n + 1 UNet passes a step instead of 2, and costs (n + 1) / 2 times as much.
     """
+    from spellbook.engine.schedule import composable_parts
+
     steps = recipe.steps if recipe.kind == "txt2img" else max(1, int(recipe.steps * (recipe.strength or 1.0)))
-    work = recipe.batch_size * steps * recipe.width * recipe.height
+    passes = max(2, len(composable_parts(recipe.prompt)) + 1)
+    work = recipe.batch_size * steps * recipe.width * recipe.height * passes // 2
     return max(1, -(-work // 65536))
 
 
