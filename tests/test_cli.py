@@ -241,20 +241,24 @@ def test_reproduce_refuses_a1111_settings_it_cannot_honour_unless_lenient(cli, t
     path = tmp_path / "hires.png"
     params = (
         "Steps: 3, Sampler: Euler a, CFG scale: 7, Seed: 1234, Size: 16x16, Model: tiny, Version: v1.10.1, "
-        "ENSD: 0, Hires upscale: 2, Hires steps: 15, Hires upscaler: Latent, Variation seed: 12345, "
+        "ENSD: 0, Denoising strength: 0.5, Hires upscale: 2, Hires steps: 3, Hires upscaler: Latent, "
+        "Hires sampler: DPM++ 2M, Variation seed: 12345, "
         'Variation seed strength: 0.3, Lora hashes: "add_detail: 7c6bad76eb54"'
     )
     write_png_text(Image.new("RGB", (16, 16)), path, {"parameters": f"a red circle\n{params}"})
     code, _, err = cli("reproduce", path, "--out", tmp_path / "o")
     assert code == 2 and len(err.strip().splitlines()) == 1
-    for key in ("Hires upscale", "Hires steps", "Lora hashes"):
+    for key in ("Hires sampler", "Lora hashes"):
         assert key in err, key
     assert "Version" not in err and "ENSD" not in err  # harmless, and at its default
-    assert "Variation seed" not in err  # honoured
+    assert "Variation seed" not in err and "Hires upscale" not in err  # honoured
     code, out, err = cli("reproduce", path, "--lenient", "--out", tmp_path / "o", "--json")
-    assert code == 0 and "warning: dropped Hires upscale: 2" in err and "warning: dropped Lora hashes" in err
+    assert code == 0 and "warning: dropped Hires sampler: DPM++ 2M" in err and "warning: dropped Lora hashes" in err
     recipe = json.loads(out)["recipe"]
     assert (recipe["subseed"], recipe["subseed_strength"]) == (12345, 0.3)
+    assert recipe["hires"] == {"width": 32, "height": 32, "scale": 2.0, "steps": 3, "upscaler": "Latent",
+                               "denoise": 0.5}  # fmt: skip
+    assert Image.open(json.loads(out)["path"]).size == (32, 32)
     plain = tmp_path / "plain.png"
     Image.new("RGB", (8, 8)).save(plain)
     code, out, err = cli("info", plain, "--json")

@@ -382,7 +382,7 @@ def test_inpaint_from_an_upload_with_transparency(make_client):
     "change, node, error_type, words",
     [
         ("lora", "10", "node_not_supported_yet", "LoRA"),
-        ("upscale", "10", "node_not_supported_yet", "hires fix"),
+        ("upscale", "10", "not_supported", "first pass of a hires fix"),
         ("unknown", "11", "missing_node_type", "FooNode"),
         ("advanced_no_noise", "3", "not_supported", "add_noise"),
         ("sampler", "3", "value_not_in_list", "dpmpp_3m_sde"),
@@ -586,6 +586,64 @@ def test_object_info_and_the_small_endpoints(make_client):
         "execution_interrupted"
     )
     assert client.get("/history/nope").status_code == 404
+
+
+def hires_graph(**second) -> dict:
+    """A hires-fix workflow as ComfyUI's examples build it: KSampler, LatentUpscaleBy, a second KSampler."""
+    graph = tiny_workflow()
+    graph["10"] = {"class_type": "LatentUpscaleBy",
+                   "inputs": {"samples": ["3", 0], "upscale_method": "nearest-exact", "scale_by": 2.0}}  # fmt: skip
+    graph["11"] = copy.deepcopy(graph["3"])
+    graph["11"]["inputs"].update(latent_image=["10", 0], steps=2, denoise=0.5, **second)
+    graph["8"]["inputs"]["samples"] = ["11", 0]
+    return graph
+
+
+def test_a_hires_fix_graph_is_one_job_with_a_second_pass(make_client):
+    client, _ = make_client()
+    graph = hires_graph()
+    graph["12"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "a red circle, detailed", "clip": ["4", 1]}}
+    graph["11"]["inputs"]["positive"] = ["12", 0]
+    response = client.post("/prompt", json={"prompt": graph, "client_id": "c"})
+    assert response.status_code == 200, response.text
+    prompt_id = response.json()["prompt_id"]
+    entry = wait_history(client, prompt_id)
+    [image] = entry["outputs"]["9"]["images"]
+    picture = Image.open(io.BytesIO(client.get("/view", params=image).content))
+    assert picture.size == (32, 32)
+    recipe = client.get(f"/api/v1/jobs/{prompt_id}").json()["recipe"]
+    assert recipe["width"] == 16 and recipe["hires"] == {
+        "width": 32, "height": 32, "upscaler": "Latent (nearest-exact)", "steps": 2, "denoise": 0.5,
+        "prompt": "a red circle, detailed",
+    }  # fmt: skip
+    sized = hires_graph()
+    sized["10"] = {"class_type": "LatentUpscale", "inputs": {"samples": ["3", 0], "upscale_method": "bilinear",
+                   "width": 0, "height": 80, "crop": "disabled"}}  # fmt: skip
+    response = client.post("/prompt", json={"prompt": sized})
+    assert response.status_code == 200, response.text
+    recipe = client.get(f"/api/v1/jobs/{response.json()['prompt_id']}").json()["recipe"]
+    assert (recipe["hires"]["width"], recipe["hires"]["height"], recipe["hires"]["upscaler"]) == (80, 80, "Latent")
+
+
+@pytest.mark.parametrize(
+    "change, node, name",
+    [
+        ({"11": {"seed": 8}}, "11", "seed"),
+        ({"11": {"sampler_name": "euler_ancestral"}}, "11", "sampler_name"),
+        ({"10": {"upscale_method": "bislerp"}}, "10", "upscale_method"),
+        ({"10": {"scale_by": 0.5}}, "10", "scale_by"),
+    ],
+)
+def test_a_hires_graph_refuses_what_the_hires_fix_cannot_vary(make_client, change, node, name):
+    client, _ = make_client(start_worker=False)
+    graph = hires_graph()
+    for node_id, inputs in change.items():
+        graph[node_id]["inputs"].update(inputs)
+    response = client.post("/prompt", json={"prompt": graph})
+    assert response.status_code == 400, response.text
+    assert node in response.json()["node_errors"], response.text
+    errors = response.json()["node_errors"][node]["errors"]
+    assert errors[0]["extra_info"]["input_name"] == name, errors
 
 
 def test_embedding_syntax_names_a_concept(make_client):

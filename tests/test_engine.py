@@ -372,3 +372,42 @@ def test_variation_seeds_move_the_noise_from_the_seed_to_the_subseed(tiny):
     with pytest.raises(UserError) as refused:
         make_recipe({**base, "subseed": 5, "subseed_strength": 1.5}, defaults)
     assert refused.value.field == "subseed_strength"
+
+
+def test_resize_seed_from_pastes_the_seeds_noise_drawn_at_the_old_size_as_a1111(tiny):
+    """A1111's "resize seed from" (its ImageRNG): the seed's noise drawn at the old size, centred over the noise of
+    the new size (cropped where the old is larger; with floor division, as A1111 writes it)."""
+    from spellbook.engine.noise import image_generators, initial_latents, variation_latents
+    from spellbook.infotext import read_foreign_recipe
+    from spellbook.provenance import infotext, request_from_foreign
+
+    for (big_h, big_w), (small_h, small_w) in (((6, 9), (4, 4)), ((4, 4), (7, 5)), ((5, 8), (5, 8))):
+        full = initial_latents(image_generators(3, 2), 4, big_h, big_w)
+        pasted = variation_latents(full, 0, 0.0, seed=3, resize_from=(small_h, small_w))
+        small = initial_latents(image_generators(3, 2), 4, small_h, small_w)
+        dy, dx = (big_h - small_h) // 2, (big_w - small_w) // 2
+        rows, cols = small_h + 2 * min(dy, 0), small_w + 2 * min(dx, 0)  # A1111's region, negative offsets crop
+        for y in range(big_h):
+            for x in range(big_w):
+                inside = 0 <= y - max(dy, 0) < rows and 0 <= x - max(dx, 0) < cols
+                source = small[:, :, y - dy, x - dx] if inside else full[:, :, y, x]
+                assert torch.equal(pasted[:, :, y, x], source), (big_h, big_w, small_h, small_w, y, x)
+    defaults = tiny.recipe_defaults()
+    base = {"prompt": "a red circle", "seed": 10, "steps": 3, "sampler": "DDIM", "size": "16x24"}
+    plain = generate(tiny, make_recipe(base, defaults))[0]
+    same = make_recipe({**base, "seed_resize_from_w": 16, "seed_resize_from_h": 24}, defaults)
+    assert np.array_equal(generate(tiny, same)[0], plain)
+    resized = make_recipe({**base, "seed_resize_from_w": 16, "seed_resize_from_h": 16}, defaults)
+    image = generate(tiny, resized)[0]
+    assert np.abs(image - plain).max() > 1e-3
+    again = Recipe.from_json(resized.to_json())
+    assert again == resized and np.array_equal(generate(tiny, again)[0], image)
+    text = infotext(resized)
+    assert "Seed resize from: 16x16" in text
+    assert make_recipe(request_from_foreign(read_foreign_recipe({"parameters": text})), defaults) == resized
+    assert "seed_resize_from_w" not in make_recipe({**base, "seed_resize_from_w": -1, "seed_resize_from_h": -1},
+                                                   defaults).to_dict()  # fmt: skip
+    for bad in ({"seed_resize_from_w": 16}, {"seed_resize_from_w": 12, "seed_resize_from_h": 16}):
+        with pytest.raises(UserError) as refused:
+            make_recipe({**base, **bad}, defaults)
+        assert refused.value.field == "seed_resize_from_w"

@@ -43,6 +43,9 @@ def test_axes_read_as_a1111_writes_them(text, values):
         ("steps=1.5", "not a whole number"),
         ("steps=1-10 (-1)", "the step must go"),
         ("prompt_sr=red", "at least one replacement"),
+        ("steps=inf", "'inf' is not a finite number"),
+        ("cfg=1,nan", "'nan' is not a finite number"),
+        ("size=32x32,abc", "'abc' is not WIDTHxHEIGHT"),
     ],
 )
 def test_bad_axes_are_refused_by_name(text, words):
@@ -99,3 +102,44 @@ def test_a_bad_cell_or_too_many_cells_stop_the_grid_before_anything_runs(cli, tm
     assert not out.exists()  # nothing ran
     code, _, err = cli("grid", "x", "--model", "tiny", "--out", out)
     assert code == 2 and "at least one axis" in err
+
+
+def test_compatible_cells_share_a_forward_pass_unless_batching_is_off(studio, monkeypatch):
+    import spellbook.studio as studio_module
+
+    calls = []
+    real = studio_module.generate
+
+    def counting(components, recipes, *args, **kwargs):
+        calls.append(len(recipes))
+        return real(components, recipes, *args, **kwargs)
+
+    monkeypatch.setattr(studio_module, "generate", counting)
+    recipes = [studio.plan({"prompt": p, "model": "tiny", "steps": 2, "seed": s}) for p in ("a", "b") for s in (1, 2)]
+    recipes.append(studio.plan({"prompt": "a", "model": "tiny", "steps": 3, "seed": 1}))
+    together = studio.run_many(recipes)
+    assert calls == [4, 1]  # one size, sampler and step count: one pass; the 3-step cell alone
+    from dataclasses import replace
+
+    monkeypatch.setattr(studio, "settings", replace(studio.settings, batching=False))
+    calls.clear()
+    alone = studio.run_many(recipes)
+    assert calls == [1] * 5
+    for a, b in zip(together, alone, strict=True):
+        assert a[0].recipe == b[0].recipe
+        assert np.abs(np.asarray(a[0].image, dtype=int) - np.asarray(b[0].image, dtype=int)).max() <= 1
+    assert np.array_equal(np.asarray(alone[0][0].image), np.asarray(studio.run(recipes[0])[0].image))
+
+
+def test_prompt_sr_whose_text_is_not_in_the_prompt_is_refused_before_anything_runs(cli, tmp_path):
+    code, _, err = cli("grid", "a red circle", "--model", "tiny", "--x", "prompt_sr=green,blue", "--out", tmp_path)
+    assert code == 2 and "'green' is in neither the prompt nor the negative prompt" in err
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_a_variation_strength_axis_shares_one_variation_seed(cli, tmp_path):
+    code, out, err = cli("grid", "a red circle", "--model", "tiny", "--steps", "2", "--x",
+                         "variation_strength=0.2,0.6", "--out", tmp_path, "--json")  # fmt: skip
+    assert code == 0, err
+    subseeds = {cell["recipe"]["subseed"] for cell in json.loads(out)["cells"]}
+    assert len(subseeds) == 1, subseeds

@@ -110,6 +110,7 @@ AND_CASES = [
     ("ANDROID and android", [("ANDROID and android", 1.0)]),  # only the word AND, in capitals
     ("a AND b :2.", [("a", 1.0), (" b", 2.0)]),
     ("a red circle   ", [("a red circle   ", 1.0)]),  # one plain part is the prompt as written
+    ("a red circle :1", [("a red circle", 1.0)]),  # a weight of 1 is still a weight: not encoded as words
 ]
 
 
@@ -221,3 +222,10 @@ def test_and_composes_what_each_part_asks_for(shapes):
     judged = [judge_trained(image) for image in to_pil(generate(shapes, recipe)[0])]
     found = [(j.colour, j.shape, j.position) for j in judged]
     assert found.count(("blue", "square", "right")) >= 6, found
+
+
+def test_a_trailing_weight_of_one_draws_the_prompt_without_it(tiny):
+    plain = make_recipe({"prompt": "a red circle", "seed": 4, "steps": 2}, tiny.recipe_defaults())
+    weighted = plain.with_(prompt="a red circle :1")
+    assert np.array_equal(generate(tiny, weighted)[0], generate(tiny, plain)[0])
+    assert job_cost(weighted) == job_cost(plain)  # one part: no extra UNet pass

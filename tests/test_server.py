@@ -426,7 +426,8 @@ def test_a1111_fields_are_applied_or_refused_by_name(make_client):
     client, _ = make_client()
     base = {"prompt": "a red circle", "steps": 2, "seed": 9}
     for extra, field in (
-        ({"enable_hr": True}, "enable_hr"),
+        ({"enable_hr": True, "hr_sampler_name": "Euler"}, "hr_sampler_name"),
+        ({"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, "hires.upscaler"),
         ({"prompt": "a red circle <lora:add_detail:0.8>"}, "prompt"),
         ({"eta": 0.5}, "eta"),
         ({"override_settings": {"sd_vae": "nonexistent"}}, "override_settings.sd_vae"),
@@ -448,6 +449,8 @@ def test_a1111_fields_are_applied_or_refused_by_name(make_client):
     varied = client.post("/sdapi/v1/txt2img", json={**base, "batch_size": 2, "subseed": 40, "subseed_strength": 0.5})
     varied_info = json.loads(varied.json()["info"])
     assert varied_info["all_subseeds"] == [40, 41] and "Variation seed: 41" in varied_info["infotexts"][1]
+    resized = client.post("/sdapi/v1/txt2img", json={**base, "seed_resize_from_w": 16, "seed_resize_from_h": 8})
+    assert "Seed resize from: 16x8" in json.loads(resized.json()["info"])["infotexts"][0], resized.text
     samplers = {s["name"]: s["aliases"] for s in client.get("/sdapi/v1/samplers").json()}
     assert "k_euler_a" in samplers["Euler a"]
 
@@ -483,9 +486,10 @@ def test_a1111_interrupt_answers_200_with_the_batches_finished(make_client):
 
 def test_a1111_surface_lists_and_extras(make_client):
     client, _ = make_client(start_worker=False)
-    for url in ("loras", "prompt-styles", "face-restorers", "hypernetworks", "realesrgan-models",
-                "latent-upscale-modes", "sd-vae"):  # fmt: skip
+    for url in ("loras", "prompt-styles", "face-restorers", "hypernetworks", "realesrgan-models", "sd-vae"):
         assert client.get(f"/sdapi/v1/{url}").json() == [], url
+    modes = [mode["name"] for mode in client.get("/sdapi/v1/latent-upscale-modes").json()]
+    assert modes[0] == "Latent" and "Latent (nearest-exact)" in modes
     assert {u["name"] for u in client.get("/sdapi/v1/upscalers").json()} == {"None", "Lanczos", "Nearest"}
     for url in ("refresh-checkpoints", "refresh-vae", "refresh-loras", "refresh-embeddings", "skip"):
         assert client.post(f"/sdapi/v1/{url}").status_code == 200, url

@@ -151,7 +151,8 @@ def _run(studio, request, out: Path, show_progress: bool, count: int = 1, galler
             recipe = recipe.with_(seed=recipe.seed + recipe.batch_size)
             if recipe.subseed is not None:
                 recipe = recipe.with_(subseed=recipe.subseed + recipe.batch_size)
-        bar, callback = _progress_bar(f"{recipe.kind} {recipe.width}x{recipe.height}", show_progress)
+        width, height = recipe.output_size
+        bar, callback = _progress_bar(f"{recipe.kind} {width}x{height}", show_progress)
         with bar:
             results = studio.run(recipe, on_step=callback)
         written = studio.save(results, out)
@@ -207,6 +208,47 @@ Styles = Annotated[
     typer.Option("--style", help="A style from `spellbook styles list` (repeatable; applied in order)."),
 ]
 
+HiresScale = Annotated[
+    float | None, typer.Option("--hires-scale", help="Hires fix: draw again at this factor of the size, e.g. 2.")
+]
+HiresSize = Annotated[str | None, typer.Option("--hires-size", help="Hires fix: draw again at WIDTHxHEIGHT.")]
+HiresSteps = Annotated[int | None, typer.Option("--hires-steps", help="Hires pass steps (default: --steps).")]
+HiresDenoise = Annotated[
+    float | None, typer.Option("--hires-denoise", help="How much the hires pass changes, 0-1 (default 0.7).")
+]
+HiresUpscaler = Annotated[
+    str | None,
+    typer.Option("--hires-upscaler", help="'Latent' (default), 'Latent (nearest-exact)', … or 'Lanczos', 'Nearest'."),
+]
+HiresPrompt = Annotated[str | None, typer.Option("--hires-prompt", help="The hires pass's prompt (default: PROMPT).")]
+HiresNegative = Annotated[str | None, typer.Option("--hires-negative", help="The hires pass's negative prompt.")]
+
+
+def _hires_options(scale, size, steps, denoise, upscaler, prompt, negative, partial: bool = False) -> dict | None:
+    """The --hires-* flags as a request's `hires` (checked with the recipe), or None when none was given.
+    `partial` (a grid): the scale may come from an axis, so the other flags stand alone."""
+    rest = {"steps": steps, "denoise": denoise, "upscaler": upscaler, "prompt": prompt, "negative_prompt": negative}
+    if scale is None and size is None:
+        given = [name for name, value in rest.items() if value is not None]
+        if given and partial:
+            return {name: rest[name] for name in given}
+        if given:
+            raise UserError(
+                f"--hires-{given[0].replace('negative_prompt', 'negative')} needs --hires-scale or --hires-size",
+                field="hires",
+            )
+        return None
+    if scale is not None and size is not None:
+        raise UserError("give --hires-scale or --hires-size, not both", field="hires")
+    from spellbook.recipe import parse_size
+
+    hires = {k: v for k, v in rest.items() if v is not None}
+    if size is not None:
+        hires["width"], hires["height"] = parse_size(size)
+    else:
+        hires["scale"] = scale
+    return hires
+
 
 @app.command()
 def generate(
@@ -238,8 +280,29 @@ def generate(
         float | None,
         typer.Option("--variation-strength", help="How far the noise moves towards the variation seed's, 0-1."),
     ] = None,
+    seed_resize_from: Annotated[
+        str | None,
+        typer.Option("--seed-resize-from", help="WxH: draw the seed's noise at this size, centred (A1111's)."),
+    ] = None,
+    hires_scale: HiresScale = None,
+    hires_size: HiresSize = None,
+    hires_steps: HiresSteps = None,
+    hires_denoise: HiresDenoise = None,
+    hires_upscaler: HiresUpscaler = None,
+    hires_prompt: HiresPrompt = None,
+    hires_negative: HiresNegative = None,
 ) -> None:
-    """Text to image."""
+    """Text to image; with --hires-scale or --hires-size, A1111's hires fix (a second pass, larger)."""
+    from spellbook.recipe import parse_size
+
+    if variation_seed is not None and variation_strength is None:
+        raise UserError("--variation-seed needs --variation-strength (0-1) to have an effect", field="variation_seed")
+    resize_w, resize_h = parse_size(seed_resize_from) if seed_resize_from else (None, None)
+    noise = {"subseed": variation_seed, "subseed_strength": variation_strength, "seed_resize_from_w": resize_w,
+             "seed_resize_from_h": resize_h}  # fmt: skip
+    hires = _hires_options(
+        hires_scale, hires_size, hires_steps, hires_denoise, hires_upscaler, hires_prompt, hires_negative
+    )
     studio = _studio()
     if from_file is not None:
         if prompt is not None:
@@ -261,7 +324,7 @@ def generate(
         for i, line in prompts:
             request = _generation_request(
                 line, negative, steps, cfg, sampler, schedule, size, base_seed + i, batch, model, vae, clip_skip, style
-            ).with_(subseed=variation_seed, subseed_strength=variation_strength)
+            ).with_(hires=hires, **noise)
             records += _run(studio, request, out, not as_json and sys.stderr.isatty(), count, not no_gallery)
         _report(records, as_json)
         return
@@ -269,7 +332,7 @@ def generate(
         raise UserError('give a prompt, e.g. spellbook generate "a red circle"', field="prompt")
     request = _generation_request(
         prompt, negative, steps, cfg, sampler, schedule, size, seed, batch, model, vae, clip_skip, style
-    ).with_(subseed=variation_seed, subseed_strength=variation_strength)
+    ).with_(hires=hires, **noise)
     _run_and_save(studio, request, out, as_json, count=count, gallery=not no_gallery)
 
 
@@ -295,17 +358,24 @@ def grid(
     out: Out = Path("out"),
     as_json: Json = False,
     no_gallery: NoGallery = False,
+    hires_scale: HiresScale = None,
+    hires_size: HiresSize = None,
+    hires_steps: HiresSteps = None,
+    hires_denoise: HiresDenoise = None,
+    hires_upscaler: HiresUpscaler = None,
 ) -> None:
     """X/Y/Z plot: PROMPT varied along up to three axes; a labelled grid PNG per Z value, and every cell."""
     from spellbook.grid import parse_axis
 
     axes = [parse_axis(text, option) if text else None for text, option in ((x, "--x"), (y, "--y"), (z, "--z"))]
+    sized = any(axis and axis.field == "hires.scale" for axis in axes)
+    hires = _hires_options(hires_scale, hires_size, hires_steps, hires_denoise, hires_upscaler, None, None, sized)
     if not any(axes):
         raise UserError("give at least one axis, e.g. --x 'seed=1,2,3'", field="x")
     studio = _studio()
     base = _generation_request(
         prompt, negative, steps, cfg, sampler, schedule, size, seed, 1, model, vae, clip_skip, style
-    )
+    ).with_(hires=hires)
     records = _run_grid(studio, base, axes, out, not as_json and sys.stderr.isatty(), gallery=not no_gallery)
     if as_json:
         _echo_json(records)
@@ -316,39 +386,32 @@ def grid(
 
 def _run_grid(studio, base, axes, out: Path, show_progress: bool, gallery: bool = True, cells=None) -> dict:
     """Plan every cell (nothing runs if one is wrong), run them, save them, and draw one grid per Z value."""
-    from spellbook.grid import draw_grid, plan_cells
-    from spellbook.provenance import write_grid
+    from spellbook.grid import grid_png, plan_cells
+    from spellbook.provenance import write_png_bytes
     from spellbook.studio import next_image_number
 
     if cells is None:
         cells = plan_cells(base, axes, studio.plan, studio.settings.max_grid_cells)
     bar, callback = _progress_bar(f"grid of {len(cells)}", show_progress)
-    results = []
-    with bar:
-        for number, cell in enumerate(cells):
-            results += studio.run(cell.recipe, on_step=callback)
-            if callback is not None:
-                bar.update(bar.task_ids[0], description=f"cell {number + 1}/{len(cells)}")
-    written = studio.save(results, out)
+
+    def cells_done(done: int) -> None:
+        if callback is not None:
+            bar.update(bar.task_ids[0], description=f"cells {done}/{len(cells)}")
+
+    with bar:  # compatible cells (e.g. seeds or prompts of one size and sampler) share a forward pass
+        runs = studio.run_many([cell.recipe for cell in cells], on_step=callback, on_group=cells_done)
+    written = studio.save([result for run in runs for result in run], out)
     if gallery:
         _file_in_gallery(studio, written)
-    x_axis, y_axis, z_axis = axes
+    z_axis = axes[2]
     grids = []
     first = next_image_number(out)
     for z in range(len(z_axis.values) if z_axis else 1):
         members = [(cell, saved) for cell, saved in zip(cells, written, strict=True) if cell.z == z]
-        title = f"{z_axis.name}: {z_axis.values[z]}" if z_axis else ""
-        image = draw_grid([saved.image for _, saved in members], x_axis, y_axis, title)
-        described = [None if a is None else {"name": a.name, "field": a.field, "values": list(a.values)} for a in axes]
-        data = {
-            "axes": dict(zip(("x", "y", "z"), described, strict=True)),
-            "z": z,
-            "cells": [
-                {"x": cell.x, "y": cell.y, "file": saved.path.name, "recipe": cell.recipe.to_dict()}
-                for cell, saved in members
-            ],
-        }
-        grids.append(str(write_grid(image, data, out / f"{first + z:05d}-grid.png")))
+        png = grid_png(
+            axes, z, [cell for cell, _ in members], [s.image for _, s in members], [s.path.name for _, s in members]
+        )
+        grids.append(str(write_png_bytes(png, out / f"{first + z:05d}-grid.png")))
     return {"grids": grids, "cells": [{"path": str(r.path), "recipe": r.recipe.to_dict()} for r in written]}
 
 
@@ -495,21 +558,18 @@ def reproduce(
 
 
 def _reproduce_grid(data: dict, out: Path, as_json: bool) -> None:
-    from spellbook.grid import Axis, Cell
+    from spellbook.grid import Axis, Cell, axes_from_record
     from spellbook.recipe import Recipe, validate
 
     studio = _studio()
-    axes = [
-        None if not (a := data.get("axes", {}).get(key)) else Axis(a["name"], a["field"], tuple(a["values"]))
-        for key in ("x", "y", "z")
-    ]
+    axes = axes_from_record(data.get("axes", {}))
     z = int(data.get("z", 0))
     cells = [
         Cell(int(c["x"]), int(c["y"]), 0, validate(Recipe.from_dict(c["recipe"]), studio.limits)) for c in data["cells"]
     ]
     title_axis = axes[2]
     if title_axis is not None:  # the one Z value this grid shows
-        axes[2] = Axis(title_axis.name, title_axis.field, (title_axis.values[z],))
+        axes[2] = Axis(title_axis.name, title_axis.field, (title_axis.values[z],), title_axis.option)
     records = _run_grid(studio, None, axes, out, not as_json and sys.stderr.isatty(), cells=cells)
     if as_json:
         _echo_json(records)

@@ -341,6 +341,8 @@ def _from_a1111(text: str) -> dict[str, Any]:
                 extra[key] = value
         elif key == "Size" and (size := _SIZE_RE.match(value)):
             result["width"], result["height"] = int(size.group(1)), int(size.group(2))
+        elif key == "Seed resize from" and (size := _SIZE_RE.match(value)):
+            result["seed_resize_from_w"], result["seed_resize_from_h"] = int(size.group(1)), int(size.group(2))
         elif key == "Sampler" and "Schedule type" in params:
             result["sampler"] = value
         elif key == "Sampler":
@@ -351,10 +353,49 @@ def _from_a1111(text: str) -> dict[str, Any]:
             result["schedule"] = value
         elif key == "TI hashes" and (hashes := split_hashes(value)):
             result["ti_hashes"] = hashes
+        elif key in _A1111_HIRES:
+            continue  # read below, together
         else:
             extra[key] = value
+    hires = _hires_from_a1111(params, result.get("denoising_strength"))
+    if hires is not None:
+        result["hires"] = hires
+    else:
+        extra.update({key: value for key, value in params.items() if key in _A1111_HIRES})
     result["extra"] = extra
     return result
+
+
+# A1111's hires-fix keys that Spellbook applies; others (Hires sampler, Hires checkpoint, Hires CFG Scale, …)
+# stay in `extra`, so that a reproduce refuses them by name.
+_A1111_HIRES = {"Hires upscale", "Hires resize", "Hires steps", "Hires upscaler", "Hires prompt",
+                "Hires negative prompt"}  # fmt: skip
+
+
+def _hires_from_a1111(params: dict[str, str], denoise: float | None) -> dict[str, Any] | None:
+    """The hires pass an A1111 image records, as a request's `hires` mapping; None when it has none, or when a
+    value cannot be read (the keys then stay unhonoured, by name)."""
+    if not ({"Hires upscale", "Hires resize"} & params.keys()):
+        return None
+    hires: dict[str, Any] = {"upscaler": params.get("Hires upscaler", "Latent")}
+    try:
+        if "Hires resize" in params:
+            size = _SIZE_RE.match(params["Hires resize"])
+            if size is None:
+                return None
+            hires["width"], hires["height"] = int(size.group(1)), int(size.group(2))
+        else:
+            hires["scale"] = float(params["Hires upscale"])
+        if "Hires steps" in params:
+            hires["steps"] = int(params["Hires steps"])
+    except ValueError:
+        return None
+    if denoise is not None:
+        hires["denoise"] = denoise
+    for key, name in (("Hires prompt", "prompt"), ("Hires negative prompt", "negative_prompt")):
+        if key in params:
+            hires[name] = params[key]
+    return hires
 
 
 # ComfyUI API format ("prompt" chunk): {node_id: {"class_type": str, "inputs": {name: value | [node_id, out]}}}.
@@ -498,7 +539,16 @@ def _from_comfy_prompt(graph: dict[str, Any] | None) -> dict[str, Any] | None:
         model_loader = loaders[0] if len(loaders) == 1 else None
     if model_loader is not None:
         result["model"] = model_loader["inputs"]["ckpt_name"]
+    # 3. Nodes that change the picture beyond one sampling chain: named, so that `reproduce` refuses them.
+    extra = {f"ComfyUI {node['class_type']}": f"node {node_id}" for node_id, node in sorted(nodes.items())
+             if node["class_type"] in _COMFY_BEYOND_ONE_CHAIN}  # fmt: skip
+    if extra:
+        result["extra"] = extra
     return result
+
+
+_COMFY_BEYOND_ONE_CHAIN = {"LoraLoader", "LoraLoaderModelOnly", "LatentUpscale", "LatentUpscaleBy", "ImageScale",
+                           "ImageScaleBy", "UNETLoader"}  # fmt: skip
 
 
 # ComfyUI UI format ("workflow" chunk): {"nodes": [{"id", "type", "mode", "inputs": [{"name", "link"}],

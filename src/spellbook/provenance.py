@@ -43,7 +43,11 @@ def infotext_params(recipe: Recipe) -> dict[str, object]:
         "VAE": recipe.vae.name if recipe.vae else None,
         "Variation seed": recipe.image_subseed if recipe.subseed_strength else None,
         "Variation seed strength": f"{recipe.subseed_strength:g}" if recipe.subseed_strength else None,
+        "Seed resize from": (
+            f"{recipe.seed_resize_from_w}x{recipe.seed_resize_from_h}" if recipe.seed_resize_from_w else None
+        ),
         "Denoising strength": f"{recipe.strength:g}" if recipe.strength is not None else None,
+        **hires_params(recipe),
         "Clip skip": recipe.clip_skip if recipe.clip_skip > 1 else None,
         "TI hashes": ", ".join(f"{c.name}: {c.short_hash}" for c in recipe.concepts) or None,
         # A1111's record of the styles applied (the prompts above are already expanded).
@@ -51,6 +55,23 @@ def infotext_params(recipe: Recipe) -> dict[str, object]:
         "Version": f"spellbook {recipe.build.spellbook}" if recipe.build else None,
     }
     return params
+
+
+def hires_params(recipe: Recipe) -> dict[str, object]:
+    """A hires fix in A1111's keys: its denoise is the image's `Denoising strength`; `Hires upscale` when a
+    factor was asked for, else `Hires resize`; `Hires steps` only when not the first pass's."""
+    hires = recipe.hires
+    if hires is None:
+        return {}
+    return {
+        "Denoising strength": f"{hires.denoise:g}",
+        "Hires prompt": hires.prompt,
+        "Hires negative prompt": hires.negative_prompt,
+        "Hires upscale": f"{hires.scale:g}" if hires.scale is not None else None,
+        "Hires resize": f"{hires.width}x{hires.height}" if hires.scale is None else None,
+        "Hires steps": hires.steps or None,
+        "Hires upscaler": hires.upscaler,
+    }
 
 
 def infotext(recipe: Recipe) -> str:
@@ -97,14 +118,14 @@ def write_png_bytes(data: bytes, path: Path) -> Path:
 GRID_CHUNK = "spellbook-grid"
 
 
-def write_grid(image: Image.Image, grid: dict, path: Path) -> Path:
-    """An X/Y/Z grid PNG: its axes and every cell's recipe in one `spellbook-grid` chunk (JSON), so the whole grid
-    can be run again. No `parameters` chunk: a grid is not one image's recipe."""
+def grid_png_bytes(image: Image.Image, grid: dict) -> bytes:
+    """An X/Y/Z grid PNG (made by grid.grid_png): its axes and every cell's recipe in one `spellbook-grid` chunk
+    (JSON), so the whole grid can be run again. No `parameters` chunk: a grid is not one image's recipe."""
     import io
 
     buffer = io.BytesIO()
     write_png_text(image, buffer, {GRID_CHUNK: json.dumps(grid, ensure_ascii=False)})
-    return write_png_bytes(buffer.getvalue(), path)
+    return buffer.getvalue()
 
 
 def read_grid(path: Path) -> dict | None:
@@ -196,6 +217,9 @@ def request_from_foreign(found: dict[str, Any], model_name: str | None = None) -
         clip_skip=found.get("clip_skip"),
         subseed=found.get("subseed") if found.get("subseed_strength") else None,
         subseed_strength=found.get("subseed_strength") or None,
+        seed_resize_from_w=found.get("seed_resize_from_w"),
+        seed_resize_from_h=found.get("seed_resize_from_h"),
+        hires=found.get("hires"),
     )
 
 

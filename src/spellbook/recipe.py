@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import json
 import random
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
@@ -189,6 +190,107 @@ class InputRef:
     path: str = ""
 
 
+# A1111's hires-fix upscalers: its latent modes (name -> torch interpolation mode, antialias) and the pixel
+# resizers Spellbook has (model upscalers such as ESRGAN are not here yet).
+LATENT_UPSCALERS: dict[str, tuple[str, bool]] = {
+    "Latent": ("bilinear", False),
+    "Latent (antialiased)": ("bilinear", True),
+    "Latent (bicubic)": ("bicubic", False),
+    "Latent (bicubic antialiased)": ("bicubic", True),
+    "Latent (nearest)": ("nearest", False),
+    "Latent (nearest-exact)": ("nearest-exact", False),
+}
+PIXEL_UPSCALERS = ("Lanczos", "Nearest")
+HIRES_UPSCALERS = (*LATENT_UPSCALERS, *PIXEL_UPSCALERS)
+
+
+@dataclass(frozen=True)
+class Hires:
+    """A1111's hires fix: after txt2img at the recipe's size, the picture is upscaled to `width` x `height`
+    (`upscaler`: a latent mode, or Lanczos/Nearest on the decoded pixels) and re-drawn as img2img at `denoise`
+    for `steps` denoising steps (0: as many as the first pass), under `prompt`/`negative_prompt` when given."""
+
+    width: int
+    height: int
+    upscaler: str = "Latent"
+    steps: int = 0
+    denoise: float = 0.7
+    prompt: str | None = None
+    negative_prompt: str | None = None
+    scale: float | None = None  # the factor asked for (A1111's `Hires upscale`); None when a size was
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    def pass_key(self) -> dict[str, Any]:
+        """What a second pass shared by several recipes must agree on (prompts may differ, as in any batch)."""
+        return {k: v for k, v in self.to_dict().items() if k not in ("prompt", "negative_prompt", "scale")}
+
+    def steps_to_run(self, first_steps: int) -> int:
+        """Denoising steps of the second pass (A1111's `Hires steps`; 0: the first pass's number)."""
+        return self.steps or first_steps
+
+    def inference_steps(self, first_steps: int) -> int:
+        """The schedule length whose last `denoise` part is `steps_to_run` steps (as A1111 stretches it)."""
+        wanted = self.steps_to_run(first_steps)
+        if self.denoise >= 1.0:
+            return wanted
+        total = max(wanted, int(wanted / self.denoise))
+        while int(total * self.denoise) < wanted:
+            total += 1
+        return total
+
+    @classmethod
+    def make(cls, asked: Mapping[str, Any], width: int, height: int) -> Hires:
+        """From a request's `hires` mapping (`scale`, or `width`/`height`; `upscaler`, `steps`, `denoise`,
+        `prompt`, `negative_prompt`) for a first pass of `width` x `height`. As A1111 sizes it: a scale gives
+        int(side * scale), a width or height alone keeps the aspect ratio; both round down to a multiple of 8."""
+        known = {"scale", "width", "height", "upscaler", "steps", "denoise", "prompt", "negative_prompt"}
+        if not isinstance(asked, Mapping):
+            raise UserError(f"must be an object with fields {', '.join(sorted(known))}", field="hires")
+        unknown = sorted(set(asked) - known)
+        if unknown:
+            raise UserError(
+                f"unknown field {unknown[0]!r}; known: {', '.join(sorted(known))}", field=f"hires.{unknown[0]}"
+            )
+        values = {k: v for k, v in asked.items() if v is not None}
+        for name, types in (("scale", (int, float)), ("width", (int,)), ("height", (int,)), ("steps", (int,)),
+                            ("denoise", (int, float)), ("upscaler", (str,)), ("prompt", (str,)),
+                            ("negative_prompt", (str,))):  # fmt: skip
+            value = values.get(name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, types)):
+                raise UserError(
+                    f"must be {' or '.join(t.__name__ for t in types)}, got {value!r}", field=f"hires.{name}"
+                )
+        scale = values.get("scale")
+        to_w, to_h = values.get("width") or 0, values.get("height") or 0
+        if to_w or to_h:
+            if not to_w:
+                to_w = int(width * to_h / height)
+            if not to_h:
+                to_h = int(height * to_w / width)
+            scale = None
+        elif scale is None:
+            raise UserError("give a scale (e.g. 2) or a width and height", field="hires.scale")
+        elif not 1.0 <= scale <= 8.0:
+            raise UserError(f"scale {scale:g}: must be between 1 and 8", field="hires.scale")
+        else:
+            to_w, to_h = int(width * scale), int(height * scale)
+        upscaler = values.get("upscaler", "Latent")
+        if upscaler == "None":
+            upscaler = "Lanczos"  # A1111's "None" upscaler resizes the pixels with Lanczos
+        return cls(
+            width=max(8, to_w // 8 * 8),
+            height=max(8, to_h // 8 * 8),
+            upscaler=upscaler,
+            steps=values.get("steps", 0),
+            denoise=float(values.get("denoise", 0.7)),
+            prompt=values.get("prompt") or None,
+            negative_prompt=values.get("negative_prompt") or None,
+            scale=float(scale) if scale is not None else None,
+        )
+
+
 @dataclass(frozen=True)
 class Build:
     spellbook: str
@@ -234,8 +336,17 @@ class Recipe:
     # A1111's variation seed: the noise of seed + i moved towards that of subseed + i by subseed_strength (txt2img)
     subseed: int | None = None
     subseed_strength: float = 0.0
+    # A1111's "resize seed from": the noise of seed + i drawn at this size, centred in the noise of this size
+    seed_resize_from_w: int = 0
+    seed_resize_from_h: int = 0
+    hires: Hires | None = None  # txt2img: A1111's hires fix, a second pass at a larger size
     build: Build | None = None
     version: int = RECIPE_VERSION
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        """The size of the images the recipe makes: the hires size, when it has a hires pass."""
+        return (self.hires.width, self.hires.height) if self.hires else (self.width, self.height)
 
     @property
     def image_seed(self) -> int:
@@ -263,6 +374,12 @@ class Recipe:
             del data["styles"]  # written only when used: every earlier recipe reads and writes as before
         if not self.subseed_strength:
             del data["subseed"], data["subseed_strength"]  # likewise
+        if not self.seed_resize_from_w:
+            del data["seed_resize_from_w"], data["seed_resize_from_h"]  # likewise
+        if self.hires is None:
+            del data["hires"]  # likewise
+        else:
+            data["hires"] = self.hires.to_dict()
         return data
 
     def to_json(self) -> str:
@@ -301,7 +418,9 @@ class Recipe:
         return cls.from_dict(data)
 
 
-_SUBRECORDS = {"model": ModelRef, "vae": ModelRef, "init_image": InputRef, "mask": InputRef, "build": Build}
+_SUBRECORDS = {
+    "model": ModelRef, "vae": ModelRef, "init_image": InputRef, "mask": InputRef, "build": Build, "hires": Hires,
+}  # fmt: skip
 _TYPES: dict[str, tuple[type, ...]] = {
     "prompt": (str,),
     "negative_prompt": (str,),
@@ -313,6 +432,8 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "seed": (int,),
     "subseed": (int,),
     "subseed_strength": (int, float),
+    "seed_resize_from_w": (int,),
+    "seed_resize_from_h": (int,),
     "batch_size": (int,),
     "batch_index": (int,),
     "width": (int,),
@@ -409,6 +530,9 @@ def validate(recipe: Recipe, limits: Limits = Limits()) -> Recipe:
     if not 1 <= r.clip_skip <= 12:
         raise UserError(f"clip skip {r.clip_skip}: must be between 1 and 12", field="clip_skip")
     _check_composable(r)
+    _check_extra_networks(r)
+    if r.hires is not None:
+        _check_hires(r, limits)
     if not 0.0 <= r.subseed_strength <= 1.0:
         raise UserError(f"variation strength {r.subseed_strength:g}: must be between 0 and 1", field="subseed_strength")
     if r.subseed_strength:
@@ -419,6 +543,8 @@ def validate(recipe: Recipe, limits: Limits = Limits()) -> Recipe:
                 f"variation seeds move txt2img's starting noise; {r.kind} starts from its init image",
                 field="subseed_strength",
             )
+    if r.seed_resize_from_w or r.seed_resize_from_h:
+        _check_seed_resize(r, limits)
     if r.kind == "txt2img":
         if r.init_image or r.mask:
             raise UserError("a txt2img recipe takes no init image or mask", field="init_image")
@@ -432,6 +558,72 @@ def validate(recipe: Recipe, limits: Limits = Limits()) -> Recipe:
             raise UserError(f"strength {strength:g}: must be above 0 and at most 1", field="strength")
         r = replace(r, strength=strength)
     return replace(r, sampler=sampler, schedule=schedule)
+
+
+def _check_seed_resize(r: Recipe, limits: Limits) -> None:
+    w, h = r.seed_resize_from_w, r.seed_resize_from_h
+    if w < 8 or h < 8 or w % 8 or h % 8:
+        raise UserError(
+            f"resize seed from {w}x{h}: give a width and a height, multiples of 8 (e.g. 512x512)",
+            field="seed_resize_from_w",
+        )
+    if w * h > limits.max_pixels:
+        raise UserError(f"resize seed from {w}x{h}: above the limit of {limits.max_pixels} pixels",
+                        field="seed_resize_from_w")  # fmt: skip
+    if r.kind != "txt2img":
+        raise UserError(f"resizing the seed moves txt2img's starting noise; {r.kind} starts from its init image",
+                        field="seed_resize_from_w")  # fmt: skip
+
+
+def _check_hires(r: Recipe, limits: Limits) -> None:
+    h = r.hires
+    for name, types in (("width", (int,)), ("height", (int,)), ("steps", (int,)), ("denoise", (int, float)),
+                        ("upscaler", (str,)), ("prompt", (str, type(None))), ("negative_prompt", (str, type(None))),
+                        ("scale", (int, float, type(None)))):  # fmt: skip
+        value = getattr(h, name)
+        if isinstance(value, bool) or not isinstance(value, types):
+            raise UserError(f"must be {' or '.join(t.__name__ for t in types)}, got {value!r}", field=f"hires.{name}")
+    if r.kind != "txt2img":
+        raise UserError(f"hires fix is a second pass of txt2img; {r.kind} has none", field="hires")
+    if h.upscaler not in HIRES_UPSCALERS:
+        raise UserError(
+            f"unknown hires upscaler {h.upscaler!r}; known: {', '.join(HIRES_UPSCALERS)}", field="hires.upscaler"
+        )
+    if h.width < r.width or h.height < r.height or h.width % 8 or h.height % 8:
+        raise UserError(
+            f"hires size {h.width}x{h.height}: must be multiples of 8, at least the first pass's {r.width}x{r.height}",
+            field="hires.width",
+        )
+    if h.width * h.height > limits.max_pixels:
+        raise UserError(
+            f"hires size {h.width}x{h.height} is {h.width * h.height} pixels; the limit is {limits.max_pixels}",
+            field="hires.scale",
+        )
+    if not 0 <= h.steps <= limits.max_steps:
+        raise UserError(f"hires steps {h.steps}: must be between 0 (as the first pass) and {limits.max_steps}",
+                        field="hires.steps")  # fmt: skip
+    if not 0.0 < h.denoise <= 1.0:
+        raise UserError(f"hires denoise {h.denoise:g}: must be above 0 and at most 1", field="hires.denoise")
+    if h.prompt is not None:
+        _check_composable(replace(r, prompt=h.prompt, hires=None))
+
+
+# A1111's extra-network tags: `<lora:name:0.8>` loads weights in A1111; here it would be encoded as plain words.
+EXTRA_NETWORK = re.compile(r"<(lora|lyco|hypernet):[^>]*>", re.IGNORECASE)
+
+
+def _check_extra_networks(r: Recipe) -> None:
+    texts = [("prompt", r.prompt), ("negative_prompt", r.negative_prompt)]
+    if r.hires is not None:
+        texts += [("hires.prompt", r.hires.prompt or ""), ("hires.negative_prompt", r.hires.negative_prompt or "")]
+    for field_name, text in texts:
+        tag = EXTRA_NETWORK.search(text)
+        if tag:
+            raise UserError(
+                f"{tag.group(0)!r}: {tag.group(1)} networks (LoRA, hypernetworks) are not supported yet; nothing was run",
+                field=field_name,
+                hint="remove the tag; textual-inversion concepts work as <name>",
+            )
 
 
 def _check_composable(r: Recipe) -> None:
@@ -486,6 +678,9 @@ class ImageRequest:
     styles: tuple[str, ...] = ()  # names in the style library, applied in order (Studio.plan expands them)
     subseed: int | None = None  # A1111's variation seed (None or -1: random, recorded, when a strength is given)
     subseed_strength: float | None = None
+    seed_resize_from_w: int | None = None  # A1111's "resize seed from" (None, 0 or -1: off)
+    seed_resize_from_h: int | None = None
+    hires: Mapping[str, Any] | None = None  # hires fix: {scale | width, height, upscaler, steps, denoise, prompt, …}
 
     def with_(self, **changes: Any) -> ImageRequest:
         return replace(self, **changes)
@@ -505,7 +700,7 @@ class ImageRequest:
         return cls(**values)
 
 
-_REQUEST_ONLY = {"model", "vae", "init_image", "mask", "init_image_path", "mask_path"}
+_REQUEST_ONLY = {"model", "vae", "init_image", "mask", "init_image_path", "mask_path", "hires"}
 
 
 def make_recipe(
@@ -528,6 +723,12 @@ def make_recipe(
     """
     if not isinstance(request, ImageRequest):
         request = ImageRequest.from_dict(request)
+    if request.strength is not None and (request.kind or "txt2img") == "txt2img":
+        raise UserError(
+            "strength is how much of an init image img2img and inpaint re-draw; txt2img has none (its hires pass "
+            "takes hires.denoise)",
+            field="strength",
+        )
     if (request.init_image is not None and init_image is None) or (request.mask is not None and mask is None):
         raise ValueError("make_recipe takes image inputs as refs: store them first (Studio.plan does) and pass them")
     chosen = {
@@ -544,8 +745,15 @@ def make_recipe(
             merged["subseed"] = (rng or random.SystemRandom()).randint(0, MAX_SEED)
     else:
         merged.pop("subseed", None)  # no strength: no variation, and nothing recorded
+    if merged.get("seed_resize_from_w") in (0, -1) and merged.get("seed_resize_from_h") in (0, -1, None):
+        merged.pop("seed_resize_from_w"), merged.pop("seed_resize_from_h", None)  # A1111's "off" values
     values = {k: _convert(k, v) for k, v in merged.items()}
     values.update(init_image=init_image, mask=mask, concepts=tuple(concepts), build=build, vae=vae)
     if model is not None:
         values["model"] = model
+    if request.hires is not None:
+        if isinstance(request.hires, Hires):
+            values["hires"] = request.hires
+        else:
+            values["hires"] = Hires.make(request.hires, values.get("width", 512), values.get("height", 512))
     return validate(Recipe(**values), limits)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ from spellbook.provenance import (
     request_from_foreign,
     write_result,
 )
-from spellbook.recipe import Build, ImageRequest, InputRef, Limits, ModelRef, Recipe, make_recipe, validate
+from spellbook.recipe import Build, Hires, ImageRequest, InputRef, Limits, ModelRef, Recipe, make_recipe, validate
 from spellbook.settings import Settings
 
 _NUMBERED = re.compile(r"^(\d{5})-")
@@ -50,7 +50,7 @@ _DEFAULT_A1111 = {"ENSD": "0", "Eta": "1", "Eta DDIM": "0", "Token merging ratio
 
 def unhonoured_settings(extra: Mapping[str, str]) -> dict[str, str]:
     """The A1111 infotext keys of an image that Spellbook cannot honour (all but the harmless ones and those at
-    A1111's default): hires fix, LoRA, variation seeds, face restoration, a different noise source, …"""
+    A1111's default): LoRA, face restoration, a hires pass with another sampler, a different noise source, …"""
     found = {}
     for key, value in extra.items():
         if key in _HARMLESS_A1111 and key not in _DEFAULT_A1111:
@@ -133,7 +133,12 @@ class Studio:
                 check_mask_size(image, request.mask)
                 mask_ref = self._store_input(request.mask, request.mask_path)
         # 3. Concepts: the library's names that the prompts mention, recorded with their file hashes.
-        concepts, vectors = self.concepts.for_owner(concepts_of).resolve(request.prompt, request.negative_prompt)
+        prompts, negatives = [request.prompt], [request.negative_prompt]
+        hires = request.hires.to_dict() if isinstance(request.hires, Hires) else request.hires
+        if isinstance(hires, Mapping):  # a hires pass's own prompts may name concepts too
+            prompts.append(str(hires.get("prompt") or ""))
+            negatives.append(str(hires.get("negative_prompt") or ""))
+        concepts, vectors = self.concepts.for_owner(concepts_of).resolve("\n".join(prompts), "\n".join(negatives))
         check_concept_widths(vectors, info.text_width, info.name)
         recipe = make_recipe(
             request,
@@ -150,6 +155,10 @@ class Studio:
         from spellbook.engine.samplers import check_pair
 
         check_pair(recipe.sampler, recipe.schedule, info.scheduler_config, recipe.steps)
+        if recipe.hires is not None:
+            check_pair(
+                recipe.sampler, recipe.schedule, info.scheduler_config, recipe.hires.inference_steps(recipe.steps)
+            )
         return recipe
 
     def store_input(self, image: Image.Image) -> InputRef:
@@ -243,6 +252,44 @@ class Studio:
         [arrays] = generate(components, [recipe], self.inputs_for_recipe(recipe), on_step=on_step, cancel=cancel)
         return [Result(image, recipe.for_image(i)) for i, image in enumerate(to_pil(arrays))]
 
+    def run_many(
+        self,
+        recipes: list[Recipe],
+        *,
+        on_step: StepCallback | None = None,
+        on_group: Callable[[int], None] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> list[list[Result]]:
+        """Several recipes' images, in order. Those that can share a forward pass (`queue.jobs.batch_key`: txt2img,
+        the same model, size, sampler, steps, CFG, …) run together, `max_jobs_batch` at a time, as the server's
+        worker batches jobs; with batching off (`SPELLBOOK_BATCHING=0`) each runs alone, so each verifies bit
+        for bit. `on_step` reports each group's steps; `on_group(n)` after each group, n recipes done in all."""
+        from spellbook.queue.jobs import batch_key
+
+        groups: list[list[int]] = []
+        growing: dict[str, list[int]] = {}
+        for index, recipe in enumerate(recipes):
+            key = batch_key(recipe) if self.settings.batching else ""
+            group = growing.get(key) if key else None
+            if group is None or len(group) >= self.settings.max_jobs_batch:
+                group = []
+                groups.append(group)
+                if key:
+                    growing[key] = group
+            group.append(index)
+        results: list[list[Result]] = [[] for _ in recipes]
+        done = 0
+        for group in groups:
+            batch = [recipes[index] for index in group]
+            components = self.components_for_recipe(batch[0])
+            arrays = generate(components, batch, self.inputs_for_recipe(batch[0]), on_step=on_step, cancel=cancel)
+            for index, images in zip(group, arrays, strict=True):
+                results[index] = [Result(image, recipes[index].for_image(i)) for i, image in enumerate(to_pil(images))]
+            done += len(group)
+            if on_group is not None:
+                on_group(done)
+        return results
+
     def save(self, results: list[Result], out_dir: Path) -> list[Result]:
         """Write results into a folder as NNNNN-SEED.png (numbering continues what the folder holds)."""
         number = next_image_number(out_dir)
@@ -254,7 +301,7 @@ class Studio:
     # ------------------------------------------------------------------------------------ provenance
     def recipe_of(self, path: Path, model: str | None = None, *, lenient: bool = False) -> Recipe:
         """The recipe inside an image, ready to run again (ours exactly; A1111/ComfyUI as far as they say). An
-        A1111 setting Spellbook cannot honour (hires fix, LoRA, variation seeds, …) is an error naming it; with
+        A1111 setting Spellbook cannot honour (LoRA, face restoration, …) is an error naming it; with
         `lenient` it is dropped (`unhonoured_settings` names them, for the caller to warn about)."""
         meta = read_metadata(path)
         if meta.recipe is not None:

@@ -31,12 +31,37 @@ def slerp(val: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
     return (torch.sin((1.0 - val) * omega) / so).unsqueeze(1) * low + (torch.sin(val * omega) / so).unsqueeze(1) * high
 
 
-def variation_latents(latents: torch.Tensor, subseed: int, strength: float, first_index: int = 0) -> torch.Tensor:
+def variation_latents(
+    latents: torch.Tensor,
+    subseed: int,
+    strength: float,
+    first_index: int = 0,
+    *,
+    seed: int = 0,
+    resize_from: tuple[int, int] | None = None,
+) -> torch.Tensor:
     """A1111's variation seed: each image's noise moved towards the noise of subseed + index by `strength`
     (0: the seed's own noise, 1: the subseed's). The subseed's noise comes from generators of its own, so the
-    seed's generators (which ancestral samplers draw from later) are untouched."""
-    if not strength:
-        return latents
+    seed's generators (which ancestral samplers draw from later) are untouched.
+
+    `resize_from` (latent height, width; A1111's "resize seed from"): the noise of seed + index (and of the
+    variation seed) is drawn at that size instead and pasted, centred, over `latents` (cropped where it is
+    larger), as A1111's ImageRNG does, so a picture keeps its composition at another size."""
     channels, height, width = latents.shape[1:]
-    sub = initial_latents(image_generators(subseed, len(latents), first_index), channels, height, width)
-    return torch.stack([slerp(strength, a, b) for a, b in zip(latents, sub, strict=True)])
+    if resize_from is None or resize_from == (height, width):
+        if not strength:
+            return latents
+        sub = initial_latents(image_generators(subseed, len(latents), first_index), channels, height, width)
+        return torch.stack([slerp(strength, a, b) for a, b in zip(latents, sub, strict=True)])
+    small_h, small_w = resize_from
+    noise = initial_latents(image_generators(seed, len(latents), first_index), channels, small_h, small_w)
+    if strength:
+        sub = initial_latents(image_generators(subseed, len(latents), first_index), channels, small_h, small_w)
+        noise = torch.stack([slerp(strength, a, b) for a, b in zip(noise, sub, strict=True)])
+    dx, dy = (width - small_w) // 2, (height - small_h) // 2
+    w = small_w if dx >= 0 else small_w + 2 * dx
+    h = small_h if dy >= 0 else small_h + 2 * dy
+    tx, ty, dx, dy = max(dx, 0), max(dy, 0), max(-dx, 0), max(-dy, 0)
+    pasted = latents.clone()
+    pasted[:, :, ty : ty + h, tx : tx + w] = noise[:, :, dy : dy + h, dx : dx + w]
+    return pasted

@@ -33,7 +33,7 @@ from spellbook.engine.samplers import SAMPLER_SPECS, make_scheduler
 from spellbook.engine.schedule import composable_parts, prompt_schedule, text_at_step
 from spellbook.errors import Cancelled, UserError
 from spellbook.models.components import Components
-from spellbook.recipe import Recipe
+from spellbook.recipe import LATENT_UPSCALERS, Recipe
 
 # After every denoising step: (step, total, latents), step 1-based, as k-diffusion's samplers call back.
 StepCallback = Callable[[int, int, torch.Tensor], None]
@@ -109,33 +109,107 @@ def generate(
     init_image, mask = _check_inputs(components, first, inputs)
     concepts = _concepts(components, first, inputs)
     # 2. Encode each prompt once (A1111 syntax, long prompts, concepts); a repeated prompt comes from the cache.
+    slices = _slices(components, recipes, concepts)
+    # 3. Denoise and decode, pass after pass (`_run_passes`); with a hires fix the first pass stays in latents
+    #    (or pixels, for a pixel upscaler) and a second pass re-draws it larger.
+    hires = first.hires
+    first_output = "np" if hires is None or hires.upscaler not in LATENT_UPSCALERS else "latent"
+    progress = _Progress(on_step, cancel, hires.steps_to_run(first.steps) / first.steps if hires else 0.0)
+    results = _run_passes(components, slices, init_image, mask, progress, first_output)
+    if hires is not None:
+        results = _hires_pass(components, recipes, results, concepts, progress)
+    for recipe, images in zip(recipes, results):
+        check_images(images, recipe)  # NaN/inf or a flat image: a clear failure, never a silent black PNG
+    # 4. Inpainting: keep the unmasked pixels exactly.
+    if first.kind == "inpaint" and overlay:
+        results = [_overlay(images, init_image, mask) for images in results]
+    return results
+
+
+def _slices(components: Components, recipes: list[Recipe], concepts: dict[str, torch.Tensor]) -> list[_Slice]:
+    """Each recipe's images with their conditioning (a prompt encoded before comes from the prompt cache)."""
     slices = []
     for index, recipe in enumerate(recipes):
         weights, schedule = prompt_conditioning(components, recipe, concepts)
         slices.append(_Slice(index, recipe, schedule[0][1], schedule[0][2], 0, recipe.batch_size, schedule, weights))
-    # 3. Plan the forward passes: prompts of different lengths (75-token chunks) or with a different number of
-    #    AND parts cannot share a tensor; a batch whose sampler draws one noise stream for all images runs image
-    #    by image (batch invariance).
+    return slices
+
+
+def _run_passes(
+    components: Components,
+    slices: list[_Slice],
+    init_image,
+    mask: Image.Image | None,
+    progress: _Progress,
+    output_type: str = "np",
+    inits: list | None = None,
+) -> list:
+    """Each slice's images (float arrays, or latents with output_type 'latent'). Prompts of different lengths
+    (75-token chunks) or with a different number of AND parts cannot share a tensor, so they run as separate
+    forward passes; a batch whose sampler draws one noise stream for all images runs image by image (batch
+    invariance). `inits` (hires fix): per slice, its images' own init (latents, or a list of PIL images)."""
     by_shape: dict[tuple[int, ...], list[_Slice]] = {}
     for piece in slices:
         by_shape.setdefault((*piece.positive.shape, len(piece.weights)), []).append(piece)
     passes = list(by_shape.values())
-    if not SAMPLER_SPECS[first.sampler].batch_invariant:
+    if not SAMPLER_SPECS[slices[0].recipe.sampler].batch_invariant:
         passes = [[replace(x, start=i, count=1)] for x in slices for i in range(x.count)]
-    # 4. Denoise and decode pass after pass; the step count runs on across passes.
-    pieces: list[list[np.ndarray]] = [[] for _ in recipes]
+    pieces: list[list] = [[] for _ in slices]
     for number, group in enumerate(passes):
-        images = _denoise(components, group, init_image, mask, _step_reporter(on_step, cancel, number, len(passes)))
+        init = init_image
+        if inits is not None:
+            parts = [inits[piece.index][piece.start : piece.start + piece.count] for piece in group]
+            init = torch.cat(parts) if torch.is_tensor(parts[0]) else [image for part in parts for image in part]
+        reporter = progress.reporter(number, len(passes))
+        images = _denoise(components, group, init, mask, reporter, output_type)
         offsets = np.cumsum([0] + [piece.count for piece in group])
         for piece, start, end in zip(group, offsets[:-1], offsets[1:]):
             pieces[piece.index].append(images[start:end])
-    results = [np.concatenate(parts).astype(np.float32) for parts in pieces]
-    for recipe, images in zip(recipes, results):
-        check_images(images, recipe)  # NaN/inf or a flat image: a clear failure, never a silent black PNG
-    # 5. Inpainting: keep the unmasked pixels exactly.
-    if first.kind == "inpaint" and overlay:
-        results = [_overlay(images, init_image, mask) for images in results]
-    return results
+    if output_type == "latent":
+        return [torch.cat(parts) for parts in pieces]
+    return [np.concatenate(parts).astype(np.float32) for parts in pieces]
+
+
+def _hires_pass(
+    components: Components,
+    recipes: list[Recipe],
+    first: list,
+    concepts: dict[str, torch.Tensor],
+    progress: _Progress,
+) -> list[np.ndarray]:
+    """A1111's hires fix: the first pass's latents (or pixels) upscaled to the hires size and re-drawn as img2img
+    at the hires denoise, for `steps_to_run` denoising steps, each image from its own seed's noise again."""
+    hires = recipes[0].hires
+    inference_steps = hires.inference_steps(recipes[0].steps)
+    seconds = [
+        recipe.with_(
+            kind="img2img",
+            width=hires.width,
+            height=hires.height,
+            steps=inference_steps,
+            strength=hires.denoise,
+            prompt=hires.prompt if hires.prompt is not None else recipe.prompt,
+            negative_prompt=hires.negative_prompt if hires.negative_prompt is not None else recipe.negative_prompt,
+            subseed=None,
+            subseed_strength=0.0,
+            seed_resize_from_w=0,
+            seed_resize_from_h=0,
+            hires=None,
+        )
+        for recipe in recipes
+    ]
+    if hires.upscaler in LATENT_UPSCALERS:
+        mode, antialias = LATENT_UPSCALERS[hires.upscaler]
+        size = (hires.height // components.vae_scale_factor, hires.width // components.vae_scale_factor)
+        inits = [
+            torch.nn.functional.interpolate(latents, size=size, mode=mode, antialias=antialias) for latents in first
+        ]
+    else:
+        resample = {"Lanczos": Image.LANCZOS, "Nearest": Image.NEAREST}[hires.upscaler]
+        inits = [[image.resize((hires.width, hires.height), resample) for image in to_pil(images)] for images in first]
+    slices = _slices(components, seconds, concepts)
+    progress.second_pass()
+    return _run_passes(components, slices, None, None, progress, "np", inits)
 
 
 def encode_conditioning(
@@ -279,32 +353,46 @@ def _pipeline(components: Components, recipe: Recipe, noise_seed: int, unet=None
     return pipe
 
 
-def _step_reporter(
-    on_step: StepCallback | None, cancel: threading.Event | None, number: int, passes: int
-) -> Callable[..., dict]:
-    """diffusers' `callback_on_step_end` for forward pass `number` of `passes`: cancellation, then `on_step`.
-    Every pass of one call has the same timesteps, so the total is known at the first step (`num_timesteps`:
-    what diffusers iterates, e.g. 2n - 1 for Heun's n steps, fewer for img2img's strength)."""
+class _Progress:
+    """diffusers' `callback_on_step_end` for each forward pass: cancellation, then `on_step(step, total)` over the
+    whole call. Every pass of one stage has the same timesteps, so a stage's total is known at its first step
+    (`num_timesteps`: what diffusers iterates, e.g. 2n - 1 for Heun's n steps, fewer for img2img's strength). A
+    hires fix adds a second stage: the first reports a total that includes an estimate of the second (`ratio`
+    of its own), the second counts on from where the first ended."""
 
-    def on_step_end(pipe, step_index, _timestep, callback_kwargs):
-        if cancel is not None and cancel.is_set():
-            raise Cancelled("generation cancelled")
-        if on_step is not None:
+    def __init__(self, on_step: StepCallback | None, cancel: threading.Event | None, ratio: float = 0.0):
+        self.on_step, self.cancel, self.ratio = on_step, cancel, ratio
+        self.offset = 0  # steps of the stages before this one
+        self.done = 0  # steps reported so far
+
+    def second_pass(self) -> None:
+        self.offset, self.ratio = self.done, 0.0
+
+    def reporter(self, number: int, passes: int) -> Callable[..., dict]:
+        def on_step_end(pipe, step_index, _timestep, callback_kwargs):
+            if self.cancel is not None and self.cancel.is_set():
+                raise Cancelled("generation cancelled")
             per_pass = pipe.num_timesteps
-            on_step(number * per_pass + step_index + 1, passes * per_pass, callback_kwargs["latents"])
-        return callback_kwargs
+            stage_total = passes * per_pass
+            self.done = self.offset + number * per_pass + step_index + 1
+            if self.on_step is not None:
+                total = self.offset + stage_total + round(stage_total * self.ratio)
+                self.on_step(self.done, total, callback_kwargs["latents"])
+            return callback_kwargs
 
-    return on_step_end
+        return on_step_end
 
 
 def _denoise(
     components: Components,
     group: list[_Slice],
-    init_image: Image.Image | None,
+    init_image,
     mask: Image.Image | None,
     on_step_end: Callable[..., dict],
-) -> np.ndarray:
-    """One forward pass over the images of `group` (recipes that share everything but prompts and seeds)."""
+    output_type: str = "np",
+):
+    """One forward pass over the images of `group` (recipes that share everything but prompts and seeds).
+    `init_image` (img2img, inpaint): one picture for all, or (hires fix) each image's own, as latents or a list."""
     first = group[0]
     recipe = first.recipe
     # 1. The pipeline; a Brownian-tree sampler (DPM++ SDE) seeds its tree from the pass's first image; AND parts
@@ -335,7 +423,7 @@ def _denoise(
         "num_inference_steps": recipe.steps,
         "guidance_scale": recipe.guidance,
         "generator": generators,
-        "output_type": "np",
+        "output_type": output_type,
         "callback_on_step_end": on_step_end,
         "callback_on_step_end_tensor_inputs": ["latents", "prompt_embeds"],
     }
@@ -349,7 +437,14 @@ def _denoise(
             )
             latents = torch.cat(  # each piece's own noise, moved towards its variation seed's where asked
                 [
-                    variation_latents(part, piece.recipe.subseed or 0, piece.recipe.subseed_strength, piece.start)
+                    variation_latents(
+                        part,
+                        piece.recipe.subseed or 0,
+                        piece.recipe.subseed_strength,
+                        piece.start,
+                        seed=piece.recipe.seed,
+                        resize_from=_seed_resize(piece.recipe, components.vae_scale_factor),
+                    )
                     for piece, part in zip(
                         group, initial_latents(generators, *latent_shape).split([p.count for p in group]), strict=True
                     )
@@ -368,6 +463,13 @@ def _denoise(
                 **common,
             )
     return result.images
+
+
+def _seed_resize(recipe: Recipe, factor: int) -> tuple[int, int] | None:
+    """A1111's "resize seed from" in latent pixels (its sides // 8), or None."""
+    if not recipe.seed_resize_from_w:
+        return None
+    return recipe.seed_resize_from_h // factor, recipe.seed_resize_from_w // factor
 
 
 def _with_schedule(on_step_end: Callable[..., dict], group: list[_Slice]) -> Callable[..., dict]:
@@ -452,6 +554,7 @@ def to_pil(images: np.ndarray) -> list[Image.Image]:
 # Fields that may differ between recipes sharing one forward pass; everything else must be equal.
 _PER_JOB_FIELDS = {
     "prompt", "negative_prompt", "seed", "batch_size", "batch_index", "build", "styles", "subseed", "subseed_strength",
+    "seed_resize_from_w", "seed_resize_from_h",
 }  # fmt: skip
 
 
@@ -467,7 +570,10 @@ def _batch_mismatch(a: Recipe, b: Recipe) -> str | None:
         if not SAMPLER_SPECS[recipe.sampler].batch_invariant:
             return f"sampler {recipe.sampler!r} draws one noise stream per batch, so its images run one by one"
     da, db = a.to_dict(), b.to_dict()
-    for key in da:
-        if key not in _PER_JOB_FIELDS and da[key] != db.get(key):
-            return f"{key} differs ({da[key]!r} vs {db.get(key)!r}); only {', '.join(sorted(_PER_JOB_FIELDS))} may"
+    for recipe, data in ((a, da), (b, db)):
+        if recipe.hires is not None:
+            data["hires"] = recipe.hires.pass_key()  # its prompts may differ, as the first pass's
+    for key in dict.fromkeys([*da, *db]):
+        if key not in _PER_JOB_FIELDS and da.get(key) != db.get(key):
+            return f"{key} differs ({da.get(key)!r} vs {db.get(key)!r}); only {', '.join(sorted(_PER_JOB_FIELDS))} may"
     return None

@@ -176,19 +176,21 @@ MAX_PARTS = 16  # sub-prompts of one prompt: each is one more UNet pass per step
 def composable_parts(prompt: str) -> tuple[tuple[str, float], ...]:
     """((text, weight), …): the sub-prompts of a positive prompt, split on AND, each with its weight. A prompt
     without AND and without a trailing `:weight` is one part, itself, weight 1."""
-    parts = []
+    parts, weighted = [], False
     for part in _AND.split(prompt):
         match = _PART_WEIGHT.match(part)
         text, weight = match.group(1), match.group(2)
+        weighted = weighted or weight is not None
         parts.append((text, float(weight) if weight is not None else 1.0))
-    if len(parts) == 1 and parts[0][1] == 1.0:
+    if len(parts) == 1 and not weighted:
         return ((prompt, 1.0),)  # as written (trailing spaces and all), so plain prompts encode as they always did
-    return tuple(parts)
+    return tuple(parts)  # a trailing `:1` is read as a weight and leaves the text, as in A1111
 
 
 def is_composable(prompt: str) -> bool:
     """Whether the prompt needs composable guidance (several parts, or one with a weight other than 1)."""
-    return composable_parts(prompt) != ((prompt, 1.0),)
+    parts = composable_parts(prompt)
+    return len(parts) > 1 or parts[0][1] != 1.0
 
 
 @lru_cache(maxsize=256)

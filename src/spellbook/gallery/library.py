@@ -392,6 +392,16 @@ def remix(db: Database, image_id: int, *, viewer: int | None = None, home: Path 
         request["clip_skip"] = recipe["clip_skip"]
     if isinstance(recipe.get("vae"), dict):
         request["vae"] = recipe["vae"]["name"]
+    if recipe.get("subseed_strength"):
+        request["subseed"] = int(recipe.get("subseed", 0)) + int(recipe.get("batch_index", 0))
+        request["subseed_strength"] = recipe["subseed_strength"]
+    if recipe.get("seed_resize_from_w"):
+        request["seed_resize_from_w"] = recipe["seed_resize_from_w"]
+        request["seed_resize_from_h"] = recipe["seed_resize_from_h"]
+    hires = recipe.get("hires")
+    if isinstance(hires, dict):  # the factor when one was asked for (it sizes the pass as it did), else the size
+        drop = ("width", "height") if hires.get("scale") is not None else ("scale",)
+        request["hires"] = {k: v for k, v in hires.items() if k not in drop}
     kind = recipe.get("kind", "txt2img")
     inputs = Settings(home=home).inputs_dir
     words = ["spellbook", "generate" if kind == "txt2img" else kind]
@@ -416,9 +426,21 @@ def remix(db: Database, image_id: int, *, viewer: int | None = None, home: Path 
         "vae": "--vae",
         "strength": "--strength",
     }
-    for key, flag in flags.items():
-        if key in request:
-            words += [flag, f"{request[key]:g}" if isinstance(request[key], float) else str(request[key])]
+    if "subseed" in request:
+        flags.update(subseed="--variation-seed", subseed_strength="--variation-strength")
+    if "seed_resize_from_w" in request:
+        words += ["--seed-resize-from", f"{request['seed_resize_from_w']}x{request['seed_resize_from_h']}"]
+    hires = request.get("hires", {})
+    if "width" in hires:
+        hires = {**hires, "size": f"{hires['width']}x{hires['height']}"}
+    hires_flags = {"scale": "--hires-scale", "size": "--hires-size", "steps": "--hires-steps",
+                   "denoise": "--hires-denoise", "upscaler": "--hires-upscaler", "prompt": "--hires-prompt",
+                   "negative_prompt": "--hires-negative"}  # fmt: skip
+    for source, table in ((request, flags), (hires, hires_flags)):
+        for key, flag in table.items():
+            if key in source:
+                value = source[key]
+                words += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
     with db.transaction() as conn:
         conn.execute("UPDATE images SET remix_count = remix_count + 1 WHERE id = ?", (details.image.id,))
     return Remix(details.image.id, request, shlex.join(words))

@@ -20,7 +20,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from spellbook.errors import Conflict, Forbidden, NotFound, UserError
+from spellbook.errors import Conflict, Forbidden, InsufficientCredits, NotFound, UserError
 from spellbook.recipe import Limits, Recipe
 from spellbook.store.accounts import Accounts
 from spellbook.store.db import Database
@@ -95,13 +95,18 @@ def job_cost(recipe: Recipe) -> int:
     """Credits for a recipe: its work, images x steps x pixels, in units of 2^16 pixel-steps (at least 1).
 
     The shapes model's default (32x32, 20 steps) costs 1 per image; SD 1.5 at 512x512 and 20 steps, 80. A prompt
-    of n parts joined by AND runs n + 1 UNet passes a step instead of 2, and costs (n + 1) / 2 times as much.
+    of n parts joined by AND runs n + 1 UNet passes a step instead of 2, and costs (n + 1) / 2 times as much. A
+    hires fix adds its second pass: its steps at the hires size.
     """
     from spellbook.engine.schedule import composable_parts
 
     steps = recipe.steps if recipe.kind == "txt2img" else max(1, int(recipe.steps * (recipe.strength or 1.0)))
     passes = max(2, len(composable_parts(recipe.prompt)) + 1)
     work = recipe.batch_size * steps * recipe.width * recipe.height * passes // 2
+    if recipe.hires is not None:
+        hires = recipe.hires
+        second = max(2, len(composable_parts(hires.prompt or recipe.prompt)) + 1)
+        work += recipe.batch_size * hires.steps_to_run(recipe.steps) * hires.width * hires.height * second // 2
     return max(1, -(-work // 65536))
 
 
@@ -143,6 +148,7 @@ def batch_key(recipe: Recipe) -> str:
             recipe.width,
             recipe.height,
             recipe.clip_skip,
+            recipe.hires.pass_key() if recipe.hires else None,
         ]
     )
 
@@ -182,6 +188,33 @@ class JobQueue:
                 ),
             )  # fmt: skip
         return self.get(job_id)
+
+    @staticmethod
+    def insert_paid(conn, recipes: list[Recipe], *, owner: int | None, what: str = "") -> list[str]:
+        """Inside the caller's transaction (queue/grids.py records a grid in it too): a job row and its debit per
+        recipe; their ids, in order. All or nothing: if the credits run out at the seventh, the transaction rolls
+        back and nothing is queued or debited. The whole cost is checked first, so a refusal names it (`what`,
+        plural: e.g. "the 9 cells of this grid"), not the seventh job's."""
+        costs = [job_cost(recipe) for recipe in recipes]
+        if owner is not None:
+            balance = conn.execute("SELECT balance FROM users WHERE id = ?", (owner,)).fetchone()[0]
+            if balance < sum(costs):
+                raise InsufficientCredits(
+                    f"{what or f'these {len(recipes)} jobs'} cost {sum(costs)} credits in all and the balance is "
+                    f"{balance}; ask an admin for credits",
+                    field="credits",
+                )
+        ids, now = [], time.time()
+        for recipe, cost in zip(recipes, costs, strict=True):
+            job_id = uuid.uuid4().hex
+            if owner is not None:
+                Accounts.debit(conn, owner, cost, job_id)
+            conn.execute(
+                "INSERT INTO jobs (id, owner, kind, request, cost, batch_key, created) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (job_id, owner, recipe.kind, json.dumps({"recipe": recipe.to_dict()}), cost, batch_key(recipe), now),
+            )
+            ids.append(job_id)
+        return ids
 
     def find_idempotent(self, owner: int | None, idempotency: Idempotency) -> Job | None:
         """The job this owner already submitted with this key (a Conflict if it was for another request)."""
@@ -369,6 +402,22 @@ class JobQueue:
         if done.rowcount == 0:
             raise Conflict(f"job {job_id} has already ended ({job.state}); nothing to cancel", field="job_id")
         return self.get(job_id)
+
+    def cancel_unfinished(self, job_ids: list[str]) -> int:
+        """Cancel those of these jobs that have not ended (refunded, once each), in one transaction; how many
+        were. The caller has checked that they may (e.g. the jobs are the cells of the caller's grid)."""
+        now, cancelled = time.time(), 0
+        with self.db.transaction() as conn:
+            for job_id in job_ids:
+                done = conn.execute(
+                    "UPDATE jobs SET state = 'cancelled', finished = ?, cancel_requested = 1, lease_owner = NULL "
+                    "WHERE id = ? AND state IN ('running', 'queued')",
+                    (now, job_id),
+                )
+                if done.rowcount == 1:
+                    Accounts.refund(conn, job_id)
+                    cancelled += 1
+        return cancelled
 
     def is_active(self, job_id: str) -> bool:
         row = self.db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()

@@ -1,9 +1,9 @@
 """The AUTOMATIC1111-compatible API, /sdapi/v1: the request and response shapes A1111 clients expect.
 
 Jobs go through the same queue as native ones (credits, fairness, batching); these endpoints wait for the
-job to finish, as A1111's do. Unsupported A1111 features asked for explicitly (hires fix, face restore,
-tiling, variation seeds, scripts) are a 400 naming the field, never silently ignored; their "off" values,
-which every client sends, are accepted.
+job to finish, as A1111's do. Unsupported A1111 features asked for explicitly (face restore, tiling, scripts,
+a hires pass with another sampler or checkpoint) are a 400 naming the field, never silently ignored; their
+"off" values, which every client sends, are accepted.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import base64
 import io
 import json
 import pathlib
-import re
 import time
 from typing import Any
 
@@ -22,8 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from spellbook import __version__
 from spellbook.errors import Conflict, Forbidden, NotImplemented_, SpellbookError, TooLarge, UserError
 from spellbook.infotext import parse_infotext, read_png_text
+from spellbook.provenance import hires_params
 from spellbook.queue.jobs import Idempotency, Job
-from spellbook.recipe import SAMPLER_ALIASES, SAMPLERS, SCHEDULES, ImageRequest, Recipe
+from spellbook.recipe import LATENT_UPSCALERS, SAMPLER_ALIASES, SAMPLERS, SCHEDULES, ImageRequest, Recipe
 from spellbook.server.app import Caller, Services, services_of
 from spellbook.server.native import IdempotencyKey, submit
 from spellbook.server.security import Principal, decode_image
@@ -44,6 +44,8 @@ class A1111Request(BaseModel):
     seed: int = -1
     subseed: int = -1
     subseed_strength: float = Field(0.0, ge=0, le=1, description="variation strength (txt2img)")
+    seed_resize_from_w: int = Field(-1, ge=-1, le=16_384, description="resize seed from this width (-1, 0: off)")
+    seed_resize_from_h: int = Field(-1, ge=-1, le=16_384, description="resize seed from this height (-1, 0: off)")
     sampler_name: str | None = None
     sampler_index: str | None = None
     scheduler: str | None = None
@@ -53,7 +55,16 @@ class A1111Request(BaseModel):
     cfg_scale: float = Field(7.0, ge=0, le=100)
     width: int | None = Field(None, ge=8, le=16_384, description="default: the model's native size")
     height: int | None = Field(None, ge=8, le=16_384, description="default: the model's native size")
-    denoising_strength: float | None = Field(None, ge=0, le=1)
+    denoising_strength: float | None = Field(None, ge=0, le=1, description="img2img; txt2img: the hires pass's")
+    # txt2img: A1111's hires fix (a second pass at hr_scale x the size, or hr_resize_x x hr_resize_y)
+    enable_hr: bool = False
+    hr_scale: float = Field(2.0, ge=1, le=8)
+    hr_upscaler: str | None = Field(None, max_length=60, description="a latent mode, Lanczos, Nearest or None")
+    hr_second_pass_steps: int = Field(0, ge=0, le=10_000, description="0: as many as the first pass")
+    hr_resize_x: int = Field(0, ge=0, le=16_384)
+    hr_resize_y: int = Field(0, ge=0, le=16_384)
+    hr_prompt: str = Field("", max_length=20_000, description="empty: the prompt")
+    hr_negative_prompt: str = Field("", max_length=20_000, description="empty: the negative prompt")
     override_settings: dict[str, Any] = Field(default_factory=dict)
     send_images: bool = Field(True, description="false: the response carries no images (they are still kept)")
     save_images: bool = Field(False, description="images are always kept in the gallery here, whatever this says")
@@ -70,23 +81,16 @@ class A1111Request(BaseModel):
 # A1111 fields accepted only at the values that mean "off" (what clients send when the user did not ask for
 # the feature); any other value is a 400 naming the field and saying what Spellbook lacks.
 _OFF = {
-    "enable_hr": ((False, None), "hires fix"),
     "restore_faces": ((False, None), "face restoration"),
     "tiling": ((False, None), "tiling"),
-    "seed_resize_from_h": ((0, -1, None), "resizing the seed"),
-    "seed_resize_from_w": ((0, -1, None), "resizing the seed"),
     "script_name": ((None, ""), "scripts"),
     "script_args": ((None, []), "scripts"),
     "alwayson_scripts": ((None, {}), "always-on scripts (extensions)"),
-    "firstphase_width": ((0, None), "hires fix"),
-    "firstphase_height": ((0, None), "hires fix"),
-    "hr_resize_x": ((0, None), "hires fix"),
-    "hr_resize_y": ((0, None), "hires fix"),
-    "hr_checkpoint_name": ((None, ""), "hires fix"),
-    "hr_sampler_name": ((None, ""), "hires fix"),
-    "hr_scheduler": ((None, ""), "hires fix"),
-    "hr_prompt": ((None, ""), "hires fix"),
-    "hr_negative_prompt": ((None, ""), "hires fix"),
+    "firstphase_width": ((0, None), "A1111's old first-pass size (send width, height and hr_scale)"),
+    "firstphase_height": ((0, None), "A1111's old first-pass size (send width, height and hr_scale)"),
+    "hr_checkpoint_name": ((None, "", "Use same checkpoint"), "a hires pass on another checkpoint"),
+    "hr_sampler_name": ((None, "", "Use same sampler"), "a hires pass with another sampler than the first's"),
+    "hr_scheduler": ((None, "", "Use same scheduler"), "a hires pass with another schedule than the first's"),
     "refiner_checkpoint": ((None, ""), "a refiner model"),
     "refiner_switch_at": ((None, 0, 0.0), "a refiner model"),
     "eta": ((None, 1, 1.0), "a sampler eta other than A1111's default 1"),
@@ -101,12 +105,12 @@ _OFF = {
     "resize_mode": ((0, None), "resize modes other than 'just resize'"),
     "controlnet_units": ((None, []), "ControlNet"),
 }
+_SAME_AS = {"hr_sampler_name": "sampler_name", "hr_scheduler": "scheduler"}
 _INPAINT_ONLY = {"inpaint_full_res", "latent_mask", "inpaint_full_res_padding", "mask_round"}
-# A1111 fields that change nothing about the image, accepted with any value: the hires settings that only
-# count when enable_hr is true, options of pix2pix models and of A1111's own output folders, and the seed of
+# A1111 fields that change nothing about the image, accepted with any value: options of pix2pix models and of A1111's own output folders, and the seed of
 # a variation whose strength is 0.
 _NO_EFFECT = {
-    "hr_scale", "hr_upscaler", "hr_second_pass_steps", "do_not_save_samples", "do_not_save_grid",
+    "do_not_save_samples", "do_not_save_grid",
     "override_settings_restore_afterwards", "image_cfg_scale", "include_init_images", "inpaint_full_res_padding",
     "mask_round", "disable_extra_networks", "comments", "force_task_id", "infotext", "use_deprecated_controlnet",
     "use_async", "distilled_cfg_scale", "firstpass_image", "sampler_index",
@@ -128,6 +132,8 @@ def _check_fields(body: A1111Request) -> None:
     for name, value in (body.model_extra or {}).items():
         if name in _INPAINT_ONLY and not body.mask:
             continue  # A1111 reads them only when there is a mask; clients send them with every img2img
+        if name in _SAME_AS and value == getattr(body, _SAME_AS[name]):
+            continue  # the hires pass's sampler or schedule named as the first pass's: what it uses
         if name in _OFF:
             allowed, feature = _OFF[name]
             if value not in allowed:
@@ -137,14 +143,6 @@ def _check_fields(body: A1111Request) -> None:
                 f"{name!r} is not a field of A1111's API that Spellbook knows; nothing was run",
                 field=name,
                 hint="remove it, or see /docs for the fields this API takes",
-            )
-    for text, field in ((body.prompt, "prompt"), (body.negative_prompt, "negative_prompt")):
-        tag = _EXTRA_NETWORK.search(text)
-        if tag:
-            raise UserError(
-                f"{tag.group(0)!r}: {tag.group(1)} networks (LoRA, hypernetworks) are not supported yet; nothing was run",
-                field=field,
-                hint="remove the tag; textual-inversion concepts work as <name>",
             )
     for key, value in body.override_settings.items():
         if key not in _OVERRIDES_APPLIED | _OVERRIDES_NO_EFFECT:
@@ -159,9 +157,6 @@ def _check_fields(body: A1111Request) -> None:
             "or 1 (original)",
             field="inpainting_fill",
         )
-
-
-_EXTRA_NETWORK = re.compile(r"<(lora|lyco|hypernet):[^>]*>", re.IGNORECASE)
 
 
 def _model(services: Services, body: A1111Request) -> str:
@@ -208,9 +203,13 @@ def to_request(services: Services, body: A1111Request, kind: str) -> ImageReques
         styles=tuple(body.styles or ()),
         subseed=None if body.subseed == -1 else body.subseed,
         subseed_strength=body.subseed_strength or None,
+        seed_resize_from_w=body.seed_resize_from_w if body.seed_resize_from_w > 0 else None,
+        seed_resize_from_h=body.seed_resize_from_h if body.seed_resize_from_h > 0 else None,
     )
     if kind == "txt2img":
-        return request
+        return request.with_(hires=_hires(body)) if body.enable_hr else request
+    if body.enable_hr:
+        raise UserError("enable_hr: the hires fix is a second pass of txt2img; img2img has none", field="enable_hr")
     init = decode_image(body.init_images[0], "init_images", max_pixels)
     mask = _mask(body, max_pixels)
     if mask is not None and body.inpainting_fill == 0:
@@ -220,6 +219,22 @@ def to_request(services: Services, body: A1111Request, kind: str) -> ImageReques
         mask=mask,
         strength=body.denoising_strength if body.denoising_strength is not None else 0.75,
     )
+
+
+def _hires(body: A1111Request) -> dict[str, Any]:
+    """A1111's hires fields as a request's `hires` (its defaults: Latent, denoising strength 0.75)."""
+    hires: dict[str, Any] = {
+        "upscaler": body.hr_upscaler or "Latent",
+        "steps": body.hr_second_pass_steps,
+        "denoise": body.denoising_strength if body.denoising_strength is not None else 0.75,
+        "prompt": body.hr_prompt or None,
+        "negative_prompt": body.hr_negative_prompt or None,
+    }
+    if body.hr_resize_x or body.hr_resize_y:
+        hires.update(width=body.hr_resize_x or None, height=body.hr_resize_y or None)
+    else:
+        hires["scale"] = body.hr_scale
+    return hires
 
 
 def _mask(body: A1111Request, max_pixels: int):
@@ -344,7 +359,7 @@ def _response(services: Services, jobs: list[Job], body: A1111Request) -> dict[s
         "sd_vae_name": recipe.vae.name if recipe.vae else None,
         "denoising_strength": recipe.strength,
         "clip_skip": recipe.clip_skip,
-        "extra_generation_params": {},
+        "extra_generation_params": hires_params(recipe),
         "index_of_first_image": 0,
         "infotexts": infotexts,
         "styles": list(recipe.styles),
@@ -623,7 +638,7 @@ _RESAMPLERS = {"None": None, "Lanczos": "LANCZOS", "Nearest": "NEAREST"}
 
 @router.get("/latent-upscale-modes")
 def latent_upscale_modes(_who: Caller) -> list[dict[str, Any]]:
-    return []  # they are hires-fix modes, and Spellbook has no hires fix yet
+    return [{"name": name} for name in LATENT_UPSCALERS]
 
 
 @router.get("/loras")

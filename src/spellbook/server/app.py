@@ -25,6 +25,7 @@ from starlette.middleware.base import BaseHTTPMiddleware
 from spellbook import __version__
 from spellbook.errors import Forbidden, SpellbookError, TooLarge, Unavailable, UserError
 from spellbook.queue.filer import GalleryFiler
+from spellbook.queue.grids import GridStore
 from spellbook.queue.jobs import FINAL, Job, JobQueue
 from spellbook.queue.worker import EmbeddedWorker
 from spellbook.server.security import (
@@ -74,6 +75,11 @@ class Services:
                 (json.dumps(name),),
             )
         self.default_model = name
+
+    @property
+    def grids(self) -> GridStore:
+        """X/Y/Z plots: rows beside the jobs of their cells (nothing of their own to keep in memory)."""
+        return GridStore(self.db, self.queue)
 
     def wake(self) -> None:
         if self.worker:
@@ -303,9 +309,19 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
             with_google_fonts=False,
         )
 
-    from spellbook.server import a1111, account_routes, comfy, concept_routes, gallery_routes, native, pages
+    from spellbook.server import (
+        a1111,
+        account_routes,
+        comfy,
+        concept_routes,
+        gallery_routes,
+        grid_routes,
+        native,
+        pages,
+    )
 
     app.include_router(native.router)
+    app.include_router(grid_routes.router)
     app.include_router(account_routes.router)
     app.include_router(gallery_routes.router)
     app.include_router(concept_routes.router)

@@ -83,6 +83,13 @@ class NodeSpec:
     output_node: bool = False
 
 
+# ComfyUI's latent upscale methods; the ones A1111 has as hires-fix latent modes run (COMFY_LATENT_UPSCALERS).
+UPSCALE_METHODS = ["nearest-exact", "bilinear", "area", "bicubic", "bislerp"]
+COMFY_LATENT_UPSCALERS = {
+    "nearest-exact": "Latent (nearest-exact)",
+    "bilinear": "Latent",
+    "bicubic": "Latent (bicubic)",
+}
 _SEED = ("INT", {"default": 0, "min": 0, "max": COMFY_MAX_SEED, "control_after_generate": True})
 _STEPS = ("INT", {"default": 20, "min": 1, "max": 10000})
 _CFG = ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01})
@@ -159,6 +166,33 @@ NODES: dict[str, NodeSpec] = {
         ("LATENT",),
         "as KSampler (noise_seed is the seed), for the full run only: add_noise enable, start_at_step 0, "
         "end_at_step at least steps",
+    ),
+    "LatentUpscale": NodeSpec(
+        "Upscale Latent",
+        "latent",
+        {
+            "samples": ("LATENT",),
+            "upscale_method": (UPSCALE_METHODS,),
+            "width": ("INT", {"default": 512, "min": 0, "max": MAX_RESOLUTION, "step": 8}),
+            "height": ("INT", {"default": 512, "min": 0, "max": MAX_RESOLUTION, "step": 8}),
+            "crop": (["disabled", "center"],),
+        },
+        ("LATENT",),
+        "the hires fix: a first KSampler's latent upscaled to width x height (0: that side keeps the ratio; as "
+        "ComfyUI, at least 64) for "
+        "a second KSampler (its denoise, steps and prompts are the hires pass's; seed, cfg, sampler and scheduler "
+        "the first's); upscale_method nearest-exact, bilinear or bicubic (A1111's latent modes), crop disabled",
+    ),
+    "LatentUpscaleBy": NodeSpec(
+        "Upscale Latent By",
+        "latent",
+        {
+            "samples": ("LATENT",),
+            "upscale_method": (UPSCALE_METHODS,),
+            "scale_by": ("FLOAT", {"default": 1.5, "min": 0.01, "max": 8.0, "step": 0.01}),
+        },
+        ("LATENT",),
+        "the hires fix as LatentUpscale, sized by scale_by (at least 1)",
     ),
     "VAELoader": NodeSpec(
         "Load VAE",
@@ -238,8 +272,6 @@ NOT_YET: dict[str, str] = {
     "UNETLoader": "Spellbook loads whole checkpoints only (CheckpointLoaderSimple), not diffusion models alone",
     "LoraLoader": "Spellbook has no LoRA support yet",
     "LoraLoaderModelOnly": "Spellbook has no LoRA support yet",
-    "LatentUpscale": "Spellbook has no hires fix (a second pass on an upscaled latent) yet",
-    "LatentUpscaleBy": "Spellbook has no hires fix (a second pass on an upscaled latent) yet",
     "ImageScale": "Spellbook does not scale images inside a graph yet",
     "ImageScaleBy": "Spellbook does not scale images inside a graph yet",
 }
@@ -797,6 +829,16 @@ def read_graph(graph: _Graph, outputs: list[str], values: dict[str, dict[str, An
                 errors.refuse(output, "images", message)
     errors.raise_if_any(outputs)
     sampler = chains[0]
+    # A hires fix: the outputs' sampler re-draws an upscaled latent of a first sampler, which holds the settings.
+    second = upscale = None
+    link = graph.link(sampler, "latent_image")
+    if link is not None and graph.class_of(link[0]) in ("LatentUpscale", "LatentUpscaleBy"):
+        upscale = link[0]
+        first = reader.follow(upscale, "samples", {"KSampler": 0}, "a KSampler (the first pass of a hires fix)")
+        if graph.class_of(sampler) != "KSampler":
+            errors.refuse(sampler, "latent_image", "a hires fix's second pass must be a KSampler")
+        errors.raise_if_any(outputs)
+        second, sampler = sampler, first
     sources: dict[str, tuple[str, str]] = {}
     fields: dict[str, Any] = {}
     texts: dict[str, str] = {}
@@ -904,6 +946,11 @@ def read_graph(graph: _Graph, outputs: list[str], values: dict[str, dict[str, An
         fields["kind"] = "inpaint" if chain.mask or latent_class != "VAEEncode" else "img2img"
         fields["strength"] = denoise
 
+    if second is not None:
+        if latent_class != "EmptyLatentImage":
+            errors.refuse(sampler, "latent_image", "a hires fix's first pass must start from an EmptyLatentImage")
+        _read_hires(reader, chain, second, upscale, model, skips.get("prompt", (None, None))[0])
+
     # 6. One VAE for every decode and encode: the model's own, or one VAELoader's.
     vaes = {name for _, name in reader.vaes.values()}
     if len(vaes) > 1:
@@ -923,6 +970,62 @@ def read_graph(graph: _Graph, outputs: list[str], values: dict[str, dict[str, An
     chain.after = [n for n in graph.upstream(outputs) if n not in before]
     chain.classes = {n: graph.class_of(n) for n in graph.upstream(outputs)}
     return chain
+
+
+def _read_hires(reader: _Reader, chain: Chain, second: str, upscale: str, model: str | None, skip: int | None) -> None:
+    """The second KSampler of a hires-fix graph and its latent upscale, as the request's `hires`. What A1111's hires
+    pass cannot vary (seed, cfg, sampler, scheduler, model, clip skip) must be the first pass's; refused by name."""
+    graph, values, errors = reader.graph, reader.values, reader.errors
+    first, up, again = values[chain.sampler], values[upscale], values[second]
+    for name in ("seed", "cfg", "sampler_name", "scheduler"):
+        if again[name] != first[name]:
+            message = (f"the hires pass uses the first KSampler's {name} ({first[name]}, node {chain.sampler}); "
+                       "a different one is not supported")  # fmt: skip
+            errors.refuse(second, name, message, again[name])
+    loader = reader.follow(second, "model", {"CheckpointLoaderSimple": 0}, "a CheckpointLoaderSimple's MODEL")
+    if loader and model and checkpoint_name(values[loader]["ckpt_name"]) != model:
+        errors.refuse(second, "model", f"the hires pass uses the first pass's model ({model})", [loader, 0])
+    method = up["upscale_method"]
+    if method not in COMFY_LATENT_UPSCALERS:
+        message = f"{method!r} is not one of the hires fix's latent modes: use {', '.join(COMFY_LATENT_UPSCALERS)}"
+        errors.refuse(upscale, "upscale_method", message, method)
+    hires: dict[str, Any] = {"upscaler": COMFY_LATENT_UPSCALERS.get(method, "Latent"), "steps": again["steps"],
+                             "denoise": again["denoise"]}  # fmt: skip
+    sources = chain.sources
+    sources.update({"hires": (second, "latent_image"), "hires.steps": (second, "steps"),
+                    "hires.denoise": (second, "denoise"), "hires.upscaler": (upscale, "upscale_method")})  # fmt: skip
+    width, height = chain.fields.get("width") or 0, chain.fields.get("height") or 0
+    if graph.class_of(upscale) == "LatentUpscaleBy":
+        # ComfyUI rounds the latent's sides: round(side / 8 * scale_by) latent pixels
+        hires["width"] = round(width / 8 * up["scale_by"]) * 8
+        hires["height"] = round(height / 8 * up["scale_by"]) * 8
+        sources["hires.width"] = sources["hires.scale"] = (upscale, "scale_by")
+    else:
+        if up["crop"] != "disabled":
+            errors.refuse(upscale, "crop", "only 'disabled' is supported (the hires fix keeps the whole picture)")
+        to_w, to_h = up["width"], up["height"]
+        if not to_w and not to_h:
+            errors.refuse(upscale, "width", "give a width or a height (both 0 keep the first pass's size)")
+        elif not to_w and height:  # a side of 0 keeps the ratio, as ComfyUI computes it (at least 64)
+            to_h = max(64, to_h)
+            to_w = max(64, round(width * to_h / height))
+        elif not to_h and width:
+            to_w = max(64, to_w)
+            to_h = max(64, round(height * to_w / width))
+        hires.update(width=to_w // 8 * 8, height=to_h // 8 * 8)  # ComfyUI's latent is side // 8
+        sources["hires.width"] = (upscale, "width")
+        sources["hires.height"] = (upscale, "height")
+    for key, name in (("prompt", "positive"), ("negative_prompt", "negative")):
+        encoder = reader.follow(second, name, {"CLIPTextEncode": 0}, "a CLIPTextEncode")
+        if encoder is None:
+            continue
+        if reader.clip_skip(encoder, model)[0] != skip:
+            errors.refuse(encoder, "clip", "the hires pass's prompts use the first pass's clip skip")
+        if values[encoder]["text"] != chain.fields.get(key):
+            hires[key] = values[encoder]["text"]
+            sources[f"hires.{key}"] = (encoder, "text")
+            chain.texts[f"hires.{key}"] = encoder
+    chain.fields["hires"] = hires
 
 
 # --------------------------------------------------------------------------------------------- uploads
@@ -1027,6 +1130,14 @@ def chain_request(services: Services, who: Principal, chain: Chain) -> ImageRequ
                 fields[key] = _embeddings_to_concepts(fields[key], known)
             except UserError as error:
                 raise _refused_at(chain, key, error) from None
+    if "hires" in fields:
+        fields["hires"] = hires = dict(fields["hires"])
+        for key in ("prompt", "negative_prompt"):
+            if "embedding:" in hires.get(key, ""):
+                try:
+                    hires[key] = _embeddings_to_concepts(hires[key], known)
+                except UserError as error:
+                    raise _refused_at(chain, f"hires.{key}", error) from None
     request = ImageRequest(**fields)
     if chain.init_image is not None:
         _, name = chain.init_image

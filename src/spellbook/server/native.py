@@ -33,6 +33,21 @@ IdempotencyKey = Annotated[
 ImageIndex = Annotated[int, Path(ge=0, le=100_000)]
 
 
+class HiresRequest(BaseModel):
+    """A1111's hires fix: txt2img at the job's size, upscaled (`scale`, or `width`/`height`) and drawn again."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    scale: float | None = Field(None, ge=1, le=8, description="e.g. 2: twice the width and height")
+    width: int | None = Field(None, ge=8, le=16_384, description="instead of scale (one side alone keeps the ratio)")
+    height: int | None = Field(None, ge=8, le=16_384)
+    upscaler: str | None = Field(None, max_length=60, description="'Latent' (default), another latent mode, 'Lanczos'")
+    steps: int | None = Field(None, ge=0, le=10_000, description="second-pass steps; 0 or unset: the job's")
+    denoise: float | None = Field(None, gt=0, le=1, description="how much the second pass changes (default 0.7)")
+    prompt: str | None = Field(None, max_length=20_000, description="unset: the job's prompt")
+    negative_prompt: str | None = Field(None, max_length=20_000)
+
+
 class JobRequest(BaseModel):
     """A generation job. Unset fields take the model's defaults (spellbook.json of the model)."""
 
@@ -56,6 +71,9 @@ class JobRequest(BaseModel):
     styles: list[str] = Field(default_factory=list, max_length=20, description="styles from the library, in order")
     subseed: int | None = Field(None, ge=-1, le=2**32 - 1, description="variation seed (-1/unset: random)")
     subseed_strength: float | None = Field(None, ge=0, le=1, description="variation strength (txt2img)")
+    seed_resize_from_w: int | None = Field(None, ge=-1, le=16_384, description="A1111's resize seed from (txt2img)")
+    seed_resize_from_h: int | None = Field(None, ge=-1, le=16_384)
+    hires: HiresRequest | None = Field(None, description="txt2img: a hires-fix second pass at a larger size")
     init_image: str | None = Field(None, description="img2img/inpaint: base64 PNG/JPEG (or a data: URL)")
     mask: str | None = Field(None, description="inpaint: base64 mask, white = repaint")
 
@@ -118,6 +136,7 @@ def index(request: Request) -> dict[str, Any]:
         "resources": {
             "health": "/api/v1/health",
             "jobs": "/api/v1/jobs",
+            "grids": "/api/v1/grids",
             "models": "/api/v1/models",
             "samplers": "/api/v1/samplers",
             "me": "/api/v1/me",

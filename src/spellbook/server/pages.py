@@ -14,6 +14,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
 from spellbook import __version__
+from spellbook.recipe import HIRES_UPSCALERS
 from spellbook.server.app import services_of
 
 HERE = Path(__file__).parent
@@ -29,7 +30,8 @@ def mount(app: FastAPI) -> None:
 
 def _page(request: Request, template: str, title: str, **extra) -> HTMLResponse:
     services = services_of(request)
-    context = {"title": title, "version": __version__, "auth": services.auth, "page": template.removesuffix(".html")}
+    context = {"title": title, "version": __version__, "auth": services.auth, "page": template.removesuffix(".html"),
+               "hires_upscalers": HIRES_UPSCALERS}  # fmt: skip
     context.update(extra)
     return templates.TemplateResponse(request, template, context)
 

@@ -46,9 +46,13 @@ export function clearErrors(root) {
 }
 
 // Shows `error` beside the field it names, or in the form's general slot when the field is not on the page.
+// A grid names the fields of the request its cells start from as `request.NAME`: those are the form's own.
 export function showError(root, error) {
-  const raw = (error.field || "").split(".")[0];
-  const field = FIELD_ALIASES[raw] || raw;
+  const path = (error.field || "").split(".");
+  const raw = path[0] === "request" && path.length > 1 ? path[1] : path[0];
+  // A field of a sub-object (hires.denoise) has its own slot where the page has one (hires_denoise).
+  const nested = path.length > 1 && root.querySelector(`[data-error-for="${CSS.escape(path.join("_"))}"]`);
+  const field = nested ? path.join("_") : FIELD_ALIASES[raw] || raw;
   let slot = field && root.querySelector(`[data-error-for="${CSS.escape(field)}"]`);
   if (!slot) {
     slot = root.querySelector('[data-error-for=""]');
@@ -68,6 +72,12 @@ function modelName(model) {
   return model && typeof model === "object" ? model.name : model;
 }
 
+function hiresText(hires) {
+  if (!hires) return null;
+  const steps = hires.steps ? `, ${hires.steps} step${hires.steps === 1 ? "" : "s"}` : "";
+  return `${hires.width}×${hires.height} (${hires.upscaler}, denoise ${hires.denoise}${steps})`;
+}
+
 // A recipe as a definition list: the fields a person reads first, then the full JSON on demand.
 export function renderRecipe(recipe, { seed } = {}) {
   const dl = document.createElement("dl");
@@ -81,6 +91,7 @@ export function renderRecipe(recipe, { seed } = {}) {
     ["Steps", recipe.steps],
     ["CFG", recipe.guidance],
     ["Size", recipe.width && recipe.height ? `${recipe.width}×${recipe.height}` : null],
+    ["Hires", hiresText(recipe.hires)],
   ];
   for (const [name, value] of rows) {
     if (value === null || value === undefined || value === "") {

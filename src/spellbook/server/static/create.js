@@ -1,5 +1,6 @@
 // The Create page: text → image, sketch → image (img2img) and inpaint, as three modes of one form.
 // Submit a job, follow it over SSE (progress + live preview), show the images with their recipes and actions.
+// The X/Y/Z plot panel submits the same request as a grid, and fills a labelled table cell by cell.
 import { imageActions, REMIX_KEY } from "/static/actions.js";
 import { api, clearErrors, renderRecipe, showError } from "/static/api.js";
 import { MaskPad, SketchPad } from "/static/canvas.js";
@@ -14,10 +15,13 @@ const fill = document.getElementById("progress-fill");
 const progressText = document.getElementById("progress-text");
 const preview = document.getElementById("preview");
 const results = document.getElementById("results");
+const gridResults = document.getElementById("grid-results");
+const gridGenerate = document.getElementById("grid-generate");
 const reuse = document.getElementById("reuse");
 const workspace = document.getElementById("workspace");
 const strength = form.elements.strength;
 const strengthValue = document.getElementById("strength-value");
+const hiresDenoiseValue = document.getElementById("hires-denoise-value");
 const inpaintImage = document.getElementById("inpaint-image");
 const maskCanvas = document.getElementById("mask-canvas");
 const inpaintEmpty = document.getElementById("inpaint-empty");
@@ -43,13 +47,14 @@ const DRAWING_SIDE = 256; // a small model's canvas is drawn on at about this si
 const LARGEST_PICTURE = 1024;
 
 let mode = studio.dataset.mode;
-let current = null; // { id, events }
+let current = null; // { kind: "job" | "grid", id, events }
 let lastSeed = null;
 let modelSizes = {}; // model name -> [width, height] when the model says
 let strengthTouched = false;
 let sketchTarget = null; // { width, height } the sketch is generated at when the size fields are empty
 let inpaintSource = null; // { dataURL, width, height }
-let remixExtras = {}; // fields of a remixed recipe that have no box on the page (schedule, clip skip, VAE)
+let remixExtras = {}; // fields of a remixed recipe with no box on the page (schedule, clip skip, VAE, variation)
+let hiresPrompts = {}; // a remixed hires pass's own prompts
 
 const sketch = new SketchPad(document.getElementById("sketch-canvas"));
 const maskPad = new MaskPad(maskCanvas);
@@ -207,9 +212,11 @@ async function applyRemix(request, { start } = {}) {
   elements.width.value = width || "";
   elements.height.value = height || "";
   remixExtras = {};
-  for (const key of ["schedule", "clip_skip", "vae"]) {
+  for (const key of ["schedule", "clip_skip", "vae", "subseed", "subseed_strength", "seed_resize_from_w",
+    "seed_resize_from_h"]) {
     if (request[key] !== undefined) remixExtras[key] = request[key];
   }
+  setHires(request.hires, Number(width) || 0);
   const kind = request.kind || "txt2img";
   if (request.strength !== undefined) {
     setStrength(request.strength);
@@ -236,6 +243,8 @@ function request() {
   const guidance = form.elements.guidance.value.trim();
   if (guidance !== "") body.guidance = Number(guidance);
   Object.assign(body, remixExtras);
+  const hires = hiresRequest();
+  if (hires && mode === "txt2img") body.hires = hires;
   if (mode === "img2img") {
     body.kind = "img2img";
     body.strength = Number(strength.value);
@@ -249,6 +258,42 @@ function request() {
     body.mask = maskPad.toDataURL();
   }
   return body;
+}
+
+// The Hires fix box as the request's `hires`, or null when "Upscale by" is empty (off). A remixed pass keeps
+// its own prompts (they have no box here).
+function hiresRequest() {
+  const { elements } = form;
+  const scale = elements.hires_scale.value.trim();
+  if (scale === "") return null;
+  const hires = {
+    ...hiresPrompts,
+    scale: Number(scale),
+    upscaler: elements.hires_upscaler.value,
+    denoise: Number(elements.hires_denoise.value),
+  };
+  const steps = elements.hires_steps.value.trim();
+  if (steps !== "") hires.steps = Number(steps);
+  return hires;
+}
+
+// A remixed hires pass in the box; one sized in pixels becomes the factor that gives that size.
+function setHires(hires, width) {
+  const { elements } = form;
+  hiresPrompts = {};
+  let scale = "";
+  if (hires) {
+    scale = hires.scale ?? (width ? Math.round((hires.width / width) * 100) / 100 : 2);
+    for (const key of ["prompt", "negative_prompt"]) if (hires[key]) hiresPrompts[key] = hires[key];
+  }
+  elements.hires_scale.value = String(scale);
+  elements.hires_steps.value = hires && hires.steps ? String(hires.steps) : "";
+  if (hires && [...elements.hires_upscaler.options].some((o) => o.value === hires.upscaler)) {
+    elements.hires_upscaler.value = hires.upscaler;
+  }
+  elements.hires_denoise.value = String(hires && hires.denoise ? hires.denoise : 0.7);
+  hiresDenoiseValue.textContent = Number(elements.hires_denoise.value).toFixed(2);
+  document.getElementById("hires").open = Boolean(hires);
 }
 
 // What the page can tell before asking the server.
@@ -265,6 +310,7 @@ function localProblem() {
 // --------------------------------------------------------------------------------------------- jobs
 function setBusy(busy) {
   generate.disabled = busy;
+  gridGenerate.disabled = busy;
   cancel.hidden = !busy;
   progress.hidden = !busy;
 }
@@ -291,6 +337,7 @@ async function submit() {
     status.textContent = "Not queued: fix the field marked in red.";
     return;
   }
+  gridResults.hidden = true;
   setBusy(true);
   setProgress(0, "queued");
   status.textContent = `Job ${job.id} queued.`;
@@ -299,7 +346,7 @@ async function submit() {
 
 function follow(jobId) {
   const events = new EventSource(`/api/v1/jobs/${encodeURIComponent(jobId)}/events`);
-  current = { id: jobId, events };
+  current = { kind: "job", id: jobId, events };
   events.addEventListener("progress", (message) => {
     const event = JSON.parse(message.data);
     const steps = event.total ? `step ${event.step}/${event.total}` : event.state;
@@ -340,7 +387,7 @@ function finish(job) {
   } else if (job.state === "cancelled") {
     status.textContent = "Cancelled.";
   } else {
-    status.textContent = `Failed: ${job.error || "unknown error"}`;
+    status.textContent = `Failed: ${(job.error && job.error.message) || "unknown error"}`;
   }
 }
 
@@ -397,6 +444,210 @@ function showResults(job) {
   }
 }
 
+// --------------------------------------------------------------------------------------------- grids
+const AXES = ["x", "y", "z"];
+// What each field's values look like, in the syntax of `spellbook grid --x` (the API's too).
+const AXIS_EXAMPLES = {
+  seed: "1, 2, 3",
+  steps: "10-30 (+10)",
+  cfg: "3-9 [4]",
+  sampler: 'DDIM, "Euler a"',
+  schedule: "Automatic, Karras",
+  size: "32x32, 64x64",
+  clip_skip: "1, 2",
+  strength: "0.3, 0.5, 0.7",
+  negative_prompt: "blurry, dark",
+  prompt_sr: "red, green, blue",
+  variation_seed: "1, 2, 3",
+  variation_strength: "0, 0.25, 0.5",
+};
+const FINAL = ["done", "failed", "cancelled"];
+
+function syncAxis(axis) {
+  const field = form.elements[`${axis}_field`].value;
+  const values = form.elements[axis];
+  values.disabled = !field;
+  values.placeholder = field ? `e.g. ${AXIS_EXAMPLES[field]}` : "";
+}
+
+// The form's request (one image per cell: no batch) and each axis that has a field and values, as FIELD=VALUES.
+function gridBody() {
+  const body = { request: request() };
+  delete body.request.batch_size;
+  for (const axis of AXES) {
+    const field = form.elements[`${axis}_field`].value;
+    const values = form.elements[axis].value.trim();
+    if (field && values) body[axis] = `${field}=${values}`;
+  }
+  return body;
+}
+
+async function submitGrid() {
+  if (current) return;
+  clearErrors(studio);
+  const body = gridBody();
+  const problem =
+    localProblem() ||
+    (AXES.some((axis) => body[axis]) ? null : { field: "x", message: "give X some values, e.g. 1, 2, 3" });
+  if (problem) {
+    showError(studio, problem);
+    status.textContent = "Not queued: fix the field marked in red.";
+    return;
+  }
+  let grid;
+  try {
+    grid = await api("/api/v1/grids", { method: "POST", body });
+  } catch (err) {
+    showError(studio, err);
+    status.textContent = "Not queued: fix the field marked in red.";
+    return;
+  }
+  results.replaceChildren();
+  preview.hidden = true;
+  drawGrid(grid);
+  setBusy(true);
+  status.textContent = `A grid of ${grid.total} cells queued (${grid.cost} credits).`;
+  followGrid(grid.id);
+}
+
+// One table per Z value: the X values across, the Y values down, a cell per image (filled as they finish).
+function drawGrid(grid) {
+  const { x, y, z } = grid.axes;
+  const columns = x ? x.values : [null];
+  const rows = y ? y.values : [null];
+  gridResults.replaceChildren();
+  gridResults.hidden = false;
+  (z ? z.values : [null]).forEach((zValue, zi) => {
+    const section = document.createElement("section");
+    section.className = "xyz-plot";
+    section.dataset.z = String(zi);
+    const heading = document.createElement("h3");
+    heading.textContent = z ? `${z.name}: ${zValue}` : "X/Y plot";
+    const link = document.createElement("a");
+    link.className = "grid-png";
+    link.hidden = true;
+    link.textContent = "Grid PNG";
+    link.title = "the labelled grid, every cell's recipe inside (spellbook reproduce runs it again)";
+    heading.append(" ", link);
+    const table = document.createElement("table");
+    table.className = "xyz-table";
+    if (x) {
+      const head = table.createTHead().insertRow();
+      const corner = document.createElement("th");
+      corner.className = "corner";
+      corner.textContent = y ? `${y.name} ↓ ${x.name} →` : "";
+      if (y) head.append(corner);
+      for (const value of columns) {
+        const th = document.createElement("th");
+        th.scope = "col";
+        th.textContent = `${x.name}: ${value}`;
+        head.append(th);
+      }
+    }
+    const tbody = table.createTBody();
+    rows.forEach((yValue, yi) => {
+      const row = tbody.insertRow();
+      if (y) {
+        const th = document.createElement("th");
+        th.scope = "row";
+        th.textContent = `${y.name}: ${yValue}`;
+        row.append(th);
+      }
+      columns.forEach((xValue, xi) => {
+        const cell = row.insertCell();
+        cell.className = "xyz-cell";
+        cell.dataset.key = `${xi},${yi},${zi}`;
+        cell.dataset.label = [x && `${x.name}: ${xValue}`, y && `${y.name}: ${yValue}`].filter(Boolean).join(", ");
+      });
+    });
+    const scroll = document.createElement("div");
+    scroll.className = "xyz-scroll";
+    scroll.append(table);
+    section.append(heading, scroll);
+    gridResults.append(section);
+  });
+  updateGrid(grid);
+}
+
+function updateGrid(grid) {
+  for (const cell of grid.cells) {
+    const slot = gridResults.querySelector(`[data-key="${cell.x},${cell.y},${cell.z}"]`);
+    if (!slot) continue;
+    const shown = cell.image ? `image ${cell.image}` : `${cell.state} ${cell.progress}`;
+    if (slot.dataset.shown === shown) continue;
+    slot.dataset.shown = shown;
+    slot.dataset.state = cell.state;
+    if (cell.image) {
+      const link = document.createElement("a");
+      link.href = cell.image;
+      link.target = "_blank";
+      const img = document.createElement("img");
+      img.src = cell.image;
+      img.alt = slot.dataset.label || "grid cell";
+      img.title = slot.dataset.label;
+      link.append(img);
+      slot.replaceChildren(link);
+    } else {
+      const placeholder = document.createElement("div");
+      placeholder.className = "xyz-placeholder";
+      const running = cell.state === "running" && cell.progress > 0;
+      placeholder.textContent = running ? `running ${Math.round(cell.progress * 100)}%` : cell.state;
+      if (cell.error) placeholder.title = cell.error.message;
+      slot.replaceChildren(placeholder);
+    }
+  }
+  setProgress(grid.progress, `${grid.finished}/${grid.total} cells`);
+  (grid.images || []).forEach((url, zi) => {
+    const link = gridResults.querySelector(`[data-z="${zi}"] .grid-png`);
+    if (!link) return;
+    link.href = url;
+    link.download = `spellbook-grid-${grid.id}-${zi}.png`;
+    link.hidden = false;
+  });
+}
+
+function followGrid(gridId) {
+  const events = new EventSource(`/api/v1/grids/${encodeURIComponent(gridId)}/events`);
+  current = { kind: "grid", id: gridId, events };
+  events.addEventListener("progress", (message) => {
+    const grid = JSON.parse(message.data);
+    updateGrid(grid);
+    status.textContent =
+      grid.state === "queued" ? "Waiting in the queue…" : `Making the grid: ${grid.finished} of ${grid.total} cells…`;
+  });
+  for (const final of FINAL) {
+    events.addEventListener(final, (message) => finishGrid(JSON.parse(message.data)));
+  }
+  events.onerror = () => {
+    // As for a job: the stream ends after the final event; a drop before it, and we ask for the grid.
+    if (current && current.events === events) {
+      events.close();
+      api(`/api/v1/grids/${encodeURIComponent(gridId)}`)
+        .then((grid) => (FINAL.includes(grid.state) ? finishGrid(grid) : followGrid(gridId)))
+        .catch((err) => {
+          status.textContent = err.message;
+          current = null;
+          setBusy(false);
+        });
+    }
+  };
+}
+
+function finishGrid(grid) {
+  if (current) current.events.close();
+  current = null;
+  setBusy(false);
+  updateGrid(grid);
+  if (grid.state === "done") {
+    status.textContent = `Done: a grid of ${grid.total} cells.`;
+  } else if (grid.state === "cancelled") {
+    status.textContent = "Cancelled.";
+  } else {
+    const failed = grid.cells.find((cell) => cell.state === "failed");
+    status.textContent = `Failed: ${(failed && failed.error && failed.error.message) || "a cell failed"}`;
+  }
+}
+
 // --------------------------------------------------------------------------------------------- wiring
 form.addEventListener("submit", (event) => {
   event.preventDefault();
@@ -422,12 +673,23 @@ cancel.addEventListener("click", async () => {
   if (!current) return;
   // Say it before asking: the stream's final event may arrive before the answer, and must have the last word.
   status.textContent = "Cancelling…";
+  const what = current.kind === "grid" ? "grids" : "jobs";
   try {
-    await api(`/api/v1/jobs/${encodeURIComponent(current.id)}/cancel`, { method: "POST" });
+    await api(`/api/v1/${what}/${encodeURIComponent(current.id)}/cancel`, { method: "POST" });
   } catch (err) {
     if (current) status.textContent = err.message;
   }
 });
+gridGenerate.addEventListener("click", submitGrid);
+for (const axis of AXES) {
+  form.elements[`${axis}_field`].addEventListener("change", () => syncAxis(axis));
+  // Enter in a values box makes the grid (not one image: the form's own submit)
+  form.elements[axis].addEventListener("keydown", (event) => {
+    if (event.key !== "Enter" || event.ctrlKey || event.metaKey) return;
+    event.preventDefault();
+    submitGrid();
+  });
+}
 document.getElementById("dice").addEventListener("click", () => {
   form.elements.seed.value = "-1";
 });
@@ -440,6 +702,9 @@ for (const name of ["model", "width", "height"]) {
     if (sketch.ready && !sketch.history.past.length) newSketch();
   });
 }
+form.elements.hires_denoise.addEventListener("input", () => {
+  hiresDenoiseValue.textContent = Number(form.elements.hires_denoise.value).toFixed(2);
+});
 strength.addEventListener("input", () => {
   strengthTouched = true;
   setStrength(strength.value);
@@ -520,6 +785,7 @@ async function start() {
   sketch.size = Number(sketchSize.value);
   maskPad.size = Number(maskSize.value);
   setStrength(MODES[mode].strength || strength.value);
+  for (const axis of AXES) syncAxis(axis);
   await loadChoices();
   setMode(mode, { push: false });
   // ?init=URL (from the Gallery's → img2img / → inpaint) and a remix handed over by the Gallery.
