@@ -85,6 +85,7 @@ def test_ctrl_enter_generates_an_image_shown_with_its_recipe(home, studio, page)
             "img2img",
             "inpaint",
             "remix",
+            "blend",
             "copy",
         ]
         download = results.nth(0).locator("a.download")

@@ -337,6 +337,141 @@ def generate(
 
 
 @app.command()
+def blend(
+    a: Annotated[Path, typer.Argument(help="The first picture (t = 0), with its recipe.")],
+    b: Annotated[Path, typer.Argument(help="The second picture (t = 1).")],
+    t: Annotated[float, typer.Option("--t", help="Where between them: 0 is A, 1 is B.")] = 0.5,
+    frames: Annotated[
+        int | None, typer.Option("--frames", help="Instead of --t: N pictures from A to B, evenly spaced.")
+    ] = None,
+    out: Out = Path("out"),
+    as_json: Json = False,
+    no_gallery: NoGallery = False,
+) -> None:
+    """Pictures between two images ("halfway between these two"), from the recipes they carry: their noises
+    slerped, their prompts' encodings interpolated. t = 0 and t = 1 draw A and B again."""
+    if frames is not None and not 2 <= frames <= 100:
+        raise UserError(f"--frames {frames}: give 2 to 100 (the first is A, the last B)", field="frames")
+    ts = [t] if frames is None else [i / (frames - 1) for i in range(frames)]
+    if not all(0.0 <= value <= 1.0 for value in ts):
+        raise UserError(f"--t {t:g}: must be between 0 (picture A) and 1 (picture B)", field="t")
+    for path, field in ((a, "a"), (b, "b")):
+        if not path.is_file():
+            raise UserError(f"{path} does not exist", field=field)
+    studio = _studio()
+    recipes = studio.plan_blend(a, b, ts)
+    bar, callback = _progress_bar(f"blend of {len(recipes)}", not as_json and sys.stderr.isatty())
+    results = []
+    with bar:
+        for recipe in recipes:
+            results += studio.run(recipe, on_step=callback)
+    written = studio.save(results, out)
+    ids = _file_in_gallery(studio, written) if not no_gallery else [None] * len(written)
+    records = []
+    for saved, image_id in zip(written, ids, strict=True):
+        records.append({"path": str(saved.path), "t": saved.recipe.blend.t, "recipe": saved.recipe.to_dict()})
+        if image_id is not None:
+            records[-1]["gallery_id"] = image_id
+    _report(records, as_json)
+
+
+@app.command()
+def morph(
+    keyframes: Annotated[
+        list[str] | None,
+        typer.Argument(help="Keyframes: prompts, or PNGs with recipes (one prompt and several --seeds also works)."),
+    ] = None,
+    seeds: Annotated[
+        str | None, typer.Option("--seeds", help="Keyframe seeds, e.g. 1,2,3: one per prompt, or several for one.")
+    ] = None,
+    from_png: Annotated[
+        list[Path] | None, typer.Option("--from-png", help="A keyframe from a picture's recipe (repeatable).")
+    ] = None,
+    frames: Annotated[int, typer.Option("--frames", help="Frames to start with (more where the motion jumps).")] = 24,
+    fps: Annotated[int, typer.Option("--fps", help="Frames per second.")] = 12,
+    loop: Annotated[bool, typer.Option("--loop", help="Morph on from the last keyframe back to the first.")] = False,
+    even: Annotated[bool, typer.Option("--even/--no-even", help="Add frames where a step is large.")] = True,
+    scale: Annotated[int, typer.Option("--scale", help="Enlarge the animation (nearest), e.g. 4 for 32 px.")] = 1,
+    resume: Annotated[bool, typer.Option("--resume", help="Keep the frames a stopped run already drew.")] = False,
+    out: Annotated[Path, typer.Option("--out", help="The animation: a .gif, .webp or .mp4 file.")] = Path(
+        "out/morph.gif"
+    ),
+    negative: Negative = None,
+    steps: Steps = None,
+    cfg: Cfg = None,
+    sampler: Sampler = None,
+    schedule: Schedule = None,
+    size: Size = None,
+    model: Model = None,
+    as_json: Json = False,
+) -> None:
+    """Morph animation between prompts, seeds or pictures: every frame a blend of two keyframes (noise slerped,
+    prompts interpolated), each also a PNG with its recipe; NAME.json lets `spellbook reproduce` draw it again."""
+    from spellbook.morph import FORMATS, Morph, check_morph, even_frames, run_morph
+
+    if out.suffix.lower() not in FORMATS:
+        raise UserError(f"--out {out}: give a {', '.join(FORMATS)} file", field="out")
+    if not 2 <= frames <= 500:
+        raise UserError(f"--frames {frames}: give 2 to 500", field="frames")
+    if not 1 <= scale <= 16:
+        raise UserError(f"--scale {scale}: give 1 to 16", field="scale")
+    items = list(keyframes or [])
+    pictures = [Path(item) for item in items if item.lower().endswith(".png") and Path(item).is_file()]
+    prompts = [item for item in items if Path(item) not in pictures]
+    pictures += list(from_png or [])
+    seed_list = _seed_list(seeds)
+    studio = _studio()
+    recipes = []
+    if prompts:
+        if len(prompts) == 1 and len(seed_list) >= 2:
+            pairs = [(prompts[0], seed) for seed in seed_list]
+        elif len(seed_list) in (0, 1):
+            import random
+
+            shared = seed_list[0] if seed_list else random.SystemRandom().randint(0, 2**32 - 1)
+            pairs = [(prompt, shared) for prompt in prompts]
+        elif len(seed_list) == len(prompts):
+            pairs = list(zip(prompts, seed_list, strict=True))
+        else:
+            raise UserError(f"--seeds gives {len(seed_list)} seeds for {len(prompts)} prompts: give one per prompt, "
+                            "one for all, or several for one prompt", field="seeds")  # fmt: skip
+        for prompt, seed in pairs:
+            request = _generation_request(prompt, negative, steps, cfg, sampler, schedule, size, seed, 1, model,
+                                          None, None, None)  # fmt: skip
+            recipes.append(studio.plan(request))
+    for path in pictures:
+        if not path.is_file():
+            raise UserError(f"{path} does not exist", field="from_png")
+        recipes.append(studio.recipe_of(path))
+    animation = Morph(recipes, even_frames(len(recipes), frames, loop) if len(recipes) >= 2 else [], fps, loop)
+    check_morph(animation)
+    bar, callback = _progress_bar("morph", not as_json and sys.stderr.isatty())
+
+    def frame_done(count: int) -> None:
+        if callback is not None:
+            bar.update(bar.task_ids[0], description=f"frame {count}")
+
+    with bar:
+        record = run_morph(studio, animation, out, resume=resume, even=even, scale=scale, on_step=callback,
+                           on_frame=frame_done)  # fmt: skip
+    if as_json:
+        _echo_json(record)
+    else:
+        typer.echo(record["animation"])
+
+
+def _seed_list(text: str | None) -> list[int]:
+    if not text:
+        return []
+    try:
+        return [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise UserError(
+            f"--seeds {text!r}: give whole numbers separated by commas, e.g. 1,2,3", field="seeds"
+        ) from None
+
+
+@app.command()
 def grid(
     prompt: Annotated[str, typer.Argument(help="What to draw; the axes vary it.")],
     x: Annotated[
@@ -532,9 +667,21 @@ def reproduce(
         bool, typer.Option("--lenient", help="Run an A1111 image without the settings Spellbook lacks (warned).")
     ] = False,
 ) -> None:
-    """Run an image's recipe again (a grid's: every cell, and the grid)."""
+    """Run an image's recipe again (a grid's: every cell and the grid; a morph's .json: the animation)."""
     from spellbook.provenance import read_grid
 
+    if image.suffix.lower() == ".json":  # a morph's sidecar: the animation again, its frames as recorded
+        from spellbook.morph import load, run_morph
+
+        animation = load(image)
+        data = json.loads(image.read_text(encoding="utf-8"))
+        target = out / str(data.get("animation") or f"{image.stem}.gif")
+        record = run_morph(_studio(), animation, target, even=False, scale=int(data.get("scale") or 1))
+        if as_json:
+            _echo_json(record)
+        else:
+            typer.echo(record["animation"])
+        return
     grid_data = read_grid(image)
     if grid_data is not None:
         _reproduce_grid(grid_data, out, as_json)

@@ -48,6 +48,7 @@ def infotext_params(recipe: Recipe) -> dict[str, object]:
         ),
         "Denoising strength": f"{recipe.strength:g}" if recipe.strength is not None else None,
         **hires_params(recipe),
+        **blend_params(recipe),
         "Clip skip": recipe.clip_skip if recipe.clip_skip > 1 else None,
         "TI hashes": ", ".join(f"{c.name}: {c.short_hash}" for c in recipe.concepts) or None,
         # A1111's record of the styles applied (the prompts above are already expanded).
@@ -55,6 +56,23 @@ def infotext_params(recipe: Recipe) -> dict[str, object]:
         "Version": f"spellbook {recipe.build.spellbook}" if recipe.build else None,
     }
     return params
+
+
+def blend_params(recipe: Recipe) -> dict[str, object]:
+    """A blend in infotext keys of its own (A1111 has none): where between the pictures, and picture B's prompt and
+    seed (the line's prompt and Seed are A's). Read back alone they are refused by name: the spellbook chunk
+    holds both recipes."""
+    blend = recipe.blend
+    if blend is None:
+        return {}
+    return {
+        "Blend": f"{blend.t:g}",
+        "Blend prompt": blend.b.prompt if blend.b.prompt != blend.a.prompt else None,
+        "Blend negative prompt": blend.b.negative_prompt
+        if blend.b.negative_prompt != blend.a.negative_prompt
+        else None,
+        "Blend seed": blend.b.image_seed,
+    }
 
 
 def hires_params(recipe: Recipe) -> dict[str, object]:

@@ -18,7 +18,7 @@ from typing import Any
 from spellbook.errors import UserError
 
 RECIPE_VERSION = 1
-KINDS = ("txt2img", "img2img", "inpaint")
+KINDS = ("txt2img", "img2img", "inpaint", "blend")
 
 # Sampler names as AUTOMATIC1111 shows them; engine/samplers.py maps each to a diffusers scheduler.
 SAMPLERS = (
@@ -292,6 +292,45 @@ class Hires:
 
 
 @dataclass(frozen=True)
+class Blend:
+    """A picture between two others ("halfway between these two"): both pictures' recipes (each one image of its
+    batch) and `t` (0: the first, 1: the second). The blend starts from the spherical interpolation of their
+    noises and is conditioned on the linear interpolation of their prompt encodings (and CFG scales), so t = 0
+    and t = 1 draw the two pictures again. `a_sha256`/`b_sha256`: the pixels of the pictures it was made from."""
+
+    t: float
+    a: Recipe
+    b: Recipe
+    a_sha256: str = ""
+    b_sha256: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"t": self.t, "a": self.a.to_dict(), "b": self.b.to_dict(), "a_sha256": self.a_sha256,
+                "b_sha256": self.b_sha256}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, value: Any) -> Blend:
+        if not isinstance(value, dict):
+            raise UserError("must be an object with fields t, a, b, a_sha256, b_sha256", field="blend")
+        unknown = sorted(set(value) - {"t", "a", "b", "a_sha256", "b_sha256"})
+        if unknown:
+            raise UserError(f"unknown field {unknown[0]!r}", field=f"blend.{unknown[0]}")
+        t = value.get("t")
+        if isinstance(t, bool) or not isinstance(t, int | float):
+            raise UserError(f"must be a number from 0 to 1, got {t!r}", field="blend.t")
+        parents = []
+        for key in ("a", "b"):
+            try:
+                parents.append(Recipe.from_dict(value.get(key)))
+            except UserError as error:
+                raise UserError(f"picture {key.upper()}'s recipe: {error.message}", field=f"blend.{key}") from None
+        hashes = [value.get(key, "") for key in ("a_sha256", "b_sha256")]
+        if not all(isinstance(h, str) for h in hashes):
+            raise UserError("must be a hex string", field="blend.a_sha256")
+        return cls(float(t), parents[0], parents[1], *hashes)
+
+
+@dataclass(frozen=True)
 class Build:
     spellbook: str
     torch: str
@@ -340,6 +379,7 @@ class Recipe:
     seed_resize_from_w: int = 0
     seed_resize_from_h: int = 0
     hires: Hires | None = None  # txt2img: A1111's hires fix, a second pass at a larger size
+    blend: Blend | None = None  # kind blend: the two pictures' recipes and where between them
     build: Build | None = None
     version: int = RECIPE_VERSION
 
@@ -380,6 +420,10 @@ class Recipe:
             del data["hires"]  # likewise
         else:
             data["hires"] = self.hires.to_dict()
+        if self.blend is None:
+            del data["blend"]  # likewise
+        else:
+            data["blend"] = self.blend.to_dict()
         return data
 
     def to_json(self) -> str:
@@ -461,6 +505,8 @@ def _record(name: str, cls: type, value: Any) -> Any:
 def _convert(name: str, value: Any) -> Any:
     if value is None:
         return None
+    if name == "blend":
+        return Blend.from_dict(value)
     if name in _SUBRECORDS:
         return _record(name, _SUBRECORDS[name], value)
     if name == "styles":
@@ -545,7 +591,11 @@ def validate(recipe: Recipe, limits: Limits = Limits()) -> Recipe:
             )
     if r.seed_resize_from_w or r.seed_resize_from_h:
         _check_seed_resize(r, limits)
-    if r.kind == "txt2img":
+    if (r.kind == "blend") != (r.blend is not None):
+        raise UserError("a blend recipe is kind 'blend' with a 'blend' record, and only it has one", field="blend")
+    if r.kind == "blend":
+        _check_blend(r)
+    elif r.kind == "txt2img":
         if r.init_image or r.mask:
             raise UserError("a txt2img recipe takes no init image or mask", field="init_image")
     else:
@@ -558,6 +608,70 @@ def validate(recipe: Recipe, limits: Limits = Limits()) -> Recipe:
             raise UserError(f"strength {strength:g}: must be above 0 and at most 1", field="strength")
         r = replace(r, strength=strength)
     return replace(r, sampler=sampler, schedule=schedule)
+
+
+# What two pictures must share to be blended by their recipes (the noise and the prompts are interpolated).
+BLEND_SHARED = ("model", "vae", "width", "height", "sampler", "schedule", "steps", "clip_skip")
+
+
+def blend_mismatch(a: Recipe, b: Recipe) -> str | None:
+    """Why two recipes cannot be blended by their noise and prompts, or None."""
+    from spellbook.engine.schedule import is_composable, prompt_schedule
+
+    for name, recipe in (("A", a), ("B", b)):
+        if recipe.kind != "txt2img":
+            return f"picture {name} is {recipe.kind}; a blend starts from the noise of two txt2img pictures"
+        if recipe.hires is not None:
+            return f"picture {name} has a hires pass; blending hires pictures is not supported yet"
+        for text in (recipe.prompt, recipe.negative_prompt):
+            if is_composable(text) or len(prompt_schedule(text, recipe.steps)) > 1:
+                return (f"picture {name}'s prompt uses AND or prompt editing; a blend interpolates one encoding per "
+                        "prompt")  # fmt: skip
+    for name in BLEND_SHARED:
+        if getattr(a, name) != getattr(b, name):
+            return f"the pictures differ in {name} ({getattr(a, name)!r} and {getattr(b, name)!r})"
+    return None
+
+
+def make_blend(a: Recipe, b: Recipe, t: float, *, a_sha256: str = "", b_sha256: str = "", build=None) -> Recipe:
+    """The recipe of the picture at `t` between A and B (each one image: `for_image` of its batch). It carries A's
+    settings (its prompt and seed name it in the gallery), the CFG scale between theirs, and both concepts."""
+    mismatch = blend_mismatch(a, b)
+    if mismatch:
+        raise UserError(f"cannot blend these two by their recipes: {mismatch}", field="blend")
+    concepts = tuple(dict.fromkeys((*a.concepts, *b.concepts)))
+    return validate(
+        a.with_(
+            kind="blend",
+            seed=a.image_seed,
+            batch_index=0,
+            batch_size=1,
+            guidance=a.guidance + (b.guidance - a.guidance) * t,
+            subseed=None,
+            subseed_strength=0.0,
+            seed_resize_from_w=0,
+            seed_resize_from_h=0,
+            concepts=concepts,
+            styles=(),
+            blend=Blend(float(t), a, b, a_sha256, b_sha256),
+            build=build,
+        )
+    )
+
+
+def _check_blend(r: Recipe) -> None:
+    blend = r.blend
+    if not 0.0 <= blend.t <= 1.0:
+        raise UserError(f"blend t {blend.t:g}: must be between 0 (picture A) and 1 (picture B)", field="blend.t")
+    mismatch = blend_mismatch(blend.a, blend.b)
+    if mismatch:
+        raise UserError(f"cannot blend: {mismatch}", field="blend")
+    if r.batch_size != 1 or r.init_image or r.mask or r.hires or r.subseed_strength or r.seed_resize_from_w:
+        raise UserError("a blend is one picture from its two parents' noise: no batch, inputs or noise options",
+                        field="blend")  # fmt: skip
+    for name in BLEND_SHARED:
+        if getattr(r, name) != getattr(blend.a, name):
+            raise UserError(f"the blend's {name} must be its pictures' ({getattr(blend.a, name)!r})", field=name)
 
 
 def _check_seed_resize(r: Recipe, limits: Limits) -> None:

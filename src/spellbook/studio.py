@@ -35,7 +35,18 @@ from spellbook.provenance import (
     request_from_foreign,
     write_result,
 )
-from spellbook.recipe import Build, Hires, ImageRequest, InputRef, Limits, ModelRef, Recipe, make_recipe, validate
+from spellbook.recipe import (
+    Build,
+    Hires,
+    ImageRequest,
+    InputRef,
+    Limits,
+    ModelRef,
+    Recipe,
+    make_blend,
+    make_recipe,
+    validate,
+)
 from spellbook.settings import Settings
 
 _NUMBERED = re.compile(r"^(\d{5})-")
@@ -337,6 +348,20 @@ class Studio:
                 )
             return self.plan(request_from_foreign(meta.foreign, model or recorded))
         raise UserError(f"{path} carries no recipe (no Spellbook, A1111 or ComfyUI metadata)", field="image")
+
+    def plan_blend(self, a: Path, b: Path, ts: list[float], *, lenient: bool = False) -> list[Recipe]:
+        """The recipes of pictures between two images (t 0: A, 1: B), made from the recipes the images carry
+        (ours, or A1111's as `reproduce` reads them). Nothing runs yet."""
+        parents = []
+        for key, path in (("a", a), ("b", b)):
+            try:
+                recipe = self.recipe_of(path, lenient=lenient)
+            except UserError as error:
+                raise UserError(f"picture {key.upper()} ({path.name}): {error.message}", field=key) from None
+            parents.append((recipe, image_sha256(open_image(path, key))))
+        (recipe_a, sha_a), (recipe_b, sha_b) = parents
+        build = self.build()
+        return [make_blend(recipe_a, recipe_b, t, a_sha256=sha_a, b_sha256=sha_b, build=build) for t in ts]
 
     def reproduce(
         self, path: Path, model: str | None = None, on_step: StepCallback | None = None, *, lenient: bool = False

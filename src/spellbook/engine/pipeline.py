@@ -21,7 +21,7 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from PIL import Image, ImageFilter
 
 from spellbook.engine.guards import check_images
-from spellbook.engine.noise import image_generators, initial_latents, variation_latents
+from spellbook.engine.noise import image_generators, initial_latents, slerp, variation_latents
 from spellbook.engine.prompts import (
     ConceptTokens,
     check_concepts,
@@ -108,6 +108,11 @@ def generate(
             raise ValueError(f"these recipes cannot share a forward pass: {mismatch}; run them in separate calls")
     init_image, mask = _check_inputs(components, first, inputs)
     concepts = _concepts(components, first, inputs)
+    if first.kind == "blend":
+        [blended] = recipes  # a blend is never batched (batch_key is empty for it)
+        images = _blend(components, blended, concepts, _Progress(on_step, cancel))
+        check_images(images, blended)
+        return [images]
     # 2. Encode each prompt once (A1111 syntax, long prompts, concepts); a repeated prompt comes from the cache.
     slices = _slices(components, recipes, concepts)
     # 3. Denoise and decode, pass after pass (`_run_passes`); with a hires fix the first pass stays in latents
@@ -281,7 +286,7 @@ def prompt_conditioning(
 def _check_inputs(
     components: Components, recipe: Recipe, inputs: GenerationInputs
 ) -> tuple[Image.Image | None, Image.Image | None]:
-    if recipe.kind == "txt2img":
+    if recipe.kind in ("txt2img", "blend"):
         return None, None
     if inputs.init_image is None:
         raise UserError(f"{recipe.kind} needs an init image", field="init_image")
@@ -390,9 +395,11 @@ def _denoise(
     mask: Image.Image | None,
     on_step_end: Callable[..., dict],
     output_type: str = "np",
+    latents: torch.Tensor | None = None,
 ):
     """One forward pass over the images of `group` (recipes that share everything but prompts and seeds).
-    `init_image` (img2img, inpaint): one picture for all, or (hires fix) each image's own, as latents or a list."""
+    `init_image` (img2img, inpaint): one picture for all, or (hires fix) each image's own, as latents or a list.
+    `latents` (txt2img): the starting noise, when it is not the recipes' own (a blend's)."""
     first = group[0]
     recipe = first.recipe
     # 1. The pipeline; a Brownian-tree sampler (DPM++ SDE) seeds its tree from the pass's first image; AND parts
@@ -429,7 +436,11 @@ def _denoise(
     }
     # 4. Denoise and decode.
     with torch.inference_mode():
-        if recipe.kind == "txt2img":
+        if recipe.kind == "txt2img" and latents is not None:
+            result = pipe(
+                height=recipe.height, width=recipe.width, latents=latents.to(components.unet.device), **common
+            )
+        elif recipe.kind == "txt2img":
             latent_shape = (
                 components.unet.config.in_channels,
                 recipe.height // components.vae_scale_factor,
@@ -463,6 +474,48 @@ def _denoise(
                 **common,
             )
     return result.images
+
+
+def _parent_noise(components: Components, recipe: Recipe) -> torch.Tensor:
+    """The starting noise of one image of a txt2img recipe, exactly as `_denoise` draws it."""
+    shape = (
+        components.unet.config.in_channels,
+        recipe.height // components.vae_scale_factor,
+        recipe.width // components.vae_scale_factor,
+    )
+    noise = initial_latents(image_generators(recipe.seed, 1, first_index=recipe.batch_index), *shape)
+    return variation_latents(
+        noise,
+        recipe.subseed or 0,
+        recipe.subseed_strength,
+        recipe.batch_index,
+        seed=recipe.seed,
+        resize_from=_seed_resize(recipe, components.vae_scale_factor),
+    )
+
+
+def _blend(components: Components, recipe: Recipe, concepts: dict[str, torch.Tensor], progress: _Progress):
+    """A picture between two: the spherical interpolation (A1111's slerp) of their starting noises, conditioned on
+    the linear interpolation of their prompt encodings. t = 0 and t = 1 run the parent's own batch, so they are
+    its picture bit for bit; between them, sampling noise (ancestral samplers) comes from A's generator."""
+    blend = recipe.blend
+    if blend.t in (0.0, 1.0):
+        parent = blend.a if blend.t == 0.0 else blend.b
+        whole = parent.with_(batch_index=0)
+        images = _run_passes(components, _slices(components, [whole], concepts), None, None, progress)[0]
+        return images[parent.batch_index : parent.batch_index + 1]
+    a, b = blend.a, blend.b
+    (_, [(_, pos_a, neg_a)]), (_, [(_, pos_b, neg_b)]) = (prompt_conditioning(components, p, concepts) for p in (a, b))
+    if pos_a.shape != pos_b.shape:  # prompts of different lengths: both encoded to the longer's chunks
+        chunks = max(pos_a.shape[1], pos_b.shape[1]) // 77
+        pos_a, neg_a = encode_conditioning(components, a, concepts, min_chunks=chunks)
+        pos_b, neg_b = encode_conditioning(components, b, concepts, min_chunks=chunks)
+    t = blend.t
+    noise = slerp(t, _parent_noise(components, a)[0], _parent_noise(components, b)[0]).unsqueeze(0)
+    runner = a.with_(kind="txt2img", seed=a.image_seed, batch_index=0, batch_size=1, guidance=recipe.guidance,
+                     subseed=None, subseed_strength=0.0, seed_resize_from_w=0, seed_resize_from_h=0)  # fmt: skip
+    piece = _Slice(0, runner, torch.lerp(pos_a, pos_b, t), torch.lerp(neg_a, neg_b, t), 0, 1)
+    return _denoise(components, [piece], None, None, progress.reporter(0, 1), latents=noise).astype(np.float32)
 
 
 def _seed_resize(recipe: Recipe, factor: int) -> tuple[int, int] | None:

@@ -371,6 +371,12 @@ def remix(db: Database, image_id: int, *, viewer: int | None = None, home: Path 
     recipe = details.recipe
     if not recipe:
         raise UserError(f"image {details.image.id} has no recipe to remix (it was imported without one)", field="image")
+    if recipe.get("kind") == "blend":
+        raise UserError(
+            f"image {details.image.id} is a blend: it has no form to edit; blend its two pictures again (Blend on "
+            "each, or `spellbook blend A.png B.png --t T`), or `spellbook reproduce` it",
+            field="image",
+        )
     request: dict[str, Any] = {"prompt": recipe.get("prompt", details.image.prompt)}
     if recipe.get("negative_prompt"):
         request["negative_prompt"] = recipe["negative_prompt"]

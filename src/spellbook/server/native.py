@@ -12,11 +12,11 @@ from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from spellbook import __version__
-from spellbook.errors import NotFound, SpellbookError
+from spellbook.errors import NotFound, SpellbookError, UserError
 from spellbook.models.info import DEFAULTS_FILE
 from spellbook.models.registry import ModelEntry
 from spellbook.queue.jobs import FINAL, Idempotency, Job
-from spellbook.recipe import SAMPLERS, SCHEDULES, ImageRequest
+from spellbook.recipe import SAMPLERS, SCHEDULES, ImageRequest, Recipe
 from spellbook.server.app import Caller, Services, services_of
 from spellbook.server.security import Principal, authenticate, decode_image
 
@@ -89,20 +89,23 @@ class JobRequest(BaseModel):
 def submit(
     services: Services,
     who: Principal,
-    request: ImageRequest,
+    request: ImageRequest | None,
     idempotency: Idempotency | None = None,
     *,
     extra: dict[str, Any] | None = None,
+    recipe: Recipe | None = None,
 ) -> Job:
     """Validate (model metadata only: the API process never loads weights), pay, queue: every API's jobs. A
     retry with the same Idempotency-Key gets the job it already paid for, in whatever state it is. `extra` is
-    kept beside the recipe in the job's request (the ComfyUI API keeps its graph there)."""
+    kept beside the recipe in the job's request (the ComfyUI API keeps its graph there). `recipe` instead of a
+    request: one made otherwise (a blend, from two gallery images' recipes)."""
     services.limiter.check(who.name)
     if idempotency is not None and (earlier := services.queue.find_idempotent(who.id, idempotency)) is not None:
         return earlier
-    if request.model is None:
-        request = request.with_(model=services.default_model)
-    recipe = services.studio.plan(request, allow_paths=False, concepts_of=who.concepts_of)
+    if recipe is None:
+        if request.model is None:
+            request = request.with_(model=services.default_model)
+        recipe = services.studio.plan(request, allow_paths=False, concepts_of=who.concepts_of)
     job = services.queue.submit(recipe, owner=who.id, idempotency=idempotency, extra=extra)
     services.wake()
     return job
@@ -175,6 +178,47 @@ def create_job(
     services = services_of(request)
     idempotency = Idempotency.of(idempotency_key, body.model_dump_json())
     return job_view(services, submit(services, who, body.to_request(services.settings.max_pixels), idempotency))
+
+
+class BlendRequest(BaseModel):
+    """A picture between two gallery images, made from their recipes (see `spellbook blend`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    a: int = Field(ge=1, le=2**62, description="the gallery image id of picture A (t = 0)")
+    b: int = Field(ge=1, le=2**62, description="the gallery image id of picture B (t = 1)")
+    t: float = Field(0.5, ge=0, le=1, description="where between them: 0 is A, 1 is B")
+
+
+@router.post("/blends", status_code=202)
+def create_blend(
+    body: BlendRequest, request: Request, who: Caller, idempotency_key: IdempotencyKey = None
+) -> dict[str, Any]:
+    """Queue a blend: one job whose picture lies at `t` between two gallery images the caller may see, their
+    noises slerped and their prompts' encodings interpolated (t 0 and 1 draw them again). Both must carry
+    Spellbook recipes of one model, size, sampler and step count. Paid and followed like any job."""
+    from spellbook import gallery
+    from spellbook.recipe import make_blend
+
+    services = services_of(request)
+    idempotency = Idempotency.of(idempotency_key, body.model_dump_json())
+    parents = []
+    for key in ("a", "b"):
+        image_id = getattr(body, key)
+        try:
+            details = gallery.show(services.db, image_id, viewer=who.id)
+            row = services.db.execute("SELECT sha256 FROM images WHERE id = ?", (image_id,)).fetchone()
+            parents.append((Recipe.from_dict(details.recipe), row[0] or ""))
+        except NotFound as error:
+            raise NotFound(error.message, field=key) from None
+        except SpellbookError as error:
+            raise UserError(
+                f"image {image_id} has no Spellbook recipe to blend from: {error.message}", field=key
+            ) from None
+    (recipe_a, sha_a), (recipe_b, sha_b) = parents
+    recipe = make_blend(recipe_a, recipe_b, body.t, a_sha256=sha_a, b_sha256=sha_b, build=services.studio.build())
+    services.studio.model_info(recipe.model.name, allow_paths=False)  # a model this server has
+    return job_view(services, submit(services, who, None, idempotency, recipe=recipe))
 
 
 @router.get("/jobs")

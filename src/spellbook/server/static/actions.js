@@ -1,9 +1,29 @@
 // What can be done with an image, on the Create page's results and in the Gallery's image panel:
-// send it to img2img or inpaint, remix its recipe, copy the recipe, download the PNG.
+// send it to img2img or inpaint, remix its recipe, blend it with another, copy the recipe, download the PNG.
 import { api } from "/static/api.js";
 
 // Where the Create page picks up a remix started on another page (read once, then removed).
 export const REMIX_KEY = "spellbook.remix";
+// Picture A of a blend, kept while the user finds picture B (on this page or another).
+const BLEND_KEY = "spellbook.blend";
+
+// Blend, pressed on a picture: the first press chooses picture A, the second (on another picture) opens the
+// Create page, which queues the picture halfway between them.
+function blendWith(imageId, say) {
+  let chosen = null;
+  try {
+    chosen = JSON.parse(sessionStorage.getItem(BLEND_KEY) || "null");
+  } catch {
+    chosen = null;
+  }
+  if (!chosen || chosen.id === imageId) {
+    sessionStorage.setItem(BLEND_KEY, JSON.stringify({ id: imageId }));
+    say(`Image ${imageId} is picture A of a blend: press Blend on the second picture.`);
+    return;
+  }
+  sessionStorage.removeItem(BLEND_KEY);
+  location.assign(`/?${new URLSearchParams({ blend: `${chosen.id},${imageId}` })}`);
+}
 
 export async function remixRequest(imageId) {
   const remix = await api(`/api/v1/gallery/images/${encodeURIComponent(imageId)}/remix`, { method: "POST" });
@@ -59,7 +79,9 @@ export function imageActions({ src, imageId, recipe, filename, onSend, onRemix, 
         say(`Remix failed: ${err.message}`);
       }
     });
-    bar.append(remix);
+    const blend = button("Blend", "blend", "the picture halfway between this one and another: press on both");
+    blend.addEventListener("click", () => blendWith(imageId, say));
+    bar.append(remix, blend);
   }
   const copy = button("Copy recipe", "copy", "copy the full recipe (JSON)");
   copy.addEventListener("click", async () => {

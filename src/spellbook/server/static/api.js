@@ -72,6 +72,12 @@ function modelName(model) {
   return model && typeof model === "object" ? model.name : model;
 }
 
+function blendText(blend) {
+  if (!blend) return null;
+  const side = (r) => `“${r.prompt}” (seed ${r.seed + (r.batch_index || 0)})`;
+  return `t ${blend.t}: ${side(blend.a)} → ${side(blend.b)}`;
+}
+
 function hiresText(hires) {
   if (!hires) return null;
   const steps = hires.steps ? `, ${hires.steps} step${hires.steps === 1 ? "" : "s"}` : "";
@@ -92,6 +98,7 @@ export function renderRecipe(recipe, { seed } = {}) {
     ["CFG", recipe.guidance],
     ["Size", recipe.width && recipe.height ? `${recipe.width}×${recipe.height}` : null],
     ["Hires", hiresText(recipe.hires)],
+    ["Blend", blendText(recipe.blend)],
   ];
   for (const [name, value] of rows) {
     if (value === null || value === undefined || value === "") {

@@ -344,6 +344,24 @@ async function submit() {
   follow(job.id);
 }
 
+// ?blend=A,B[&t=0.5] (from Blend pressed on two pictures): the picture between two gallery images, as a job.
+async function startBlend(pair, t) {
+  const [a, b] = pair.split(",").map(Number);
+  const body = { a, b, t: t === null ? 0.5 : Number(t) };
+  let job;
+  try {
+    job = await api("/api/v1/blends", { method: "POST", body });
+  } catch (err) {
+    status.textContent = `Blend not queued: ${err.message}`;
+    return;
+  }
+  gridResults.hidden = true;
+  setBusy(true);
+  setProgress(0, "queued");
+  status.textContent = `Blend of images ${a} and ${b} (t ${body.t}) queued.`;
+  follow(job.id);
+}
+
 function follow(jobId) {
   const events = new EventSource(`/api/v1/jobs/${encodeURIComponent(jobId)}/events`);
   current = { kind: "job", id: jobId, events };
@@ -789,8 +807,10 @@ async function start() {
   await loadChoices();
   setMode(mode, { push: false });
   // ?init=URL (from the Gallery's → img2img / → inpaint) and a remix handed over by the Gallery.
-  const init = new URLSearchParams(location.search).get("init");
+  const params = new URLSearchParams(location.search);
+  const init = params.get("init");
   if (init && mode !== "txt2img") await sendTo(mode, init);
+  if (params.get("blend")) await startBlend(params.get("blend"), params.get("t"));
   const handed = sessionStorage.getItem(REMIX_KEY);
   if (handed) {
     sessionStorage.removeItem(REMIX_KEY);
