@@ -163,3 +163,70 @@ def test_the_api_blends_two_gallery_images_as_a_queued_job(make_client):
     third = wait_filed(client, other["id"])["result"]["images"][0]["image_id"]
     refused = client.post("/api/v1/blends", json={"a": ids[0], "b": third})
     assert refused.status_code == 400 and "differ in steps" in refused.json()["error"]["message"]
+
+
+def test_pictures_without_recipes_blend_by_their_latents(cli, tmp_path):
+    rng = np.random.default_rng(4)
+    paths = []
+    for name in ("sketch", "photo"):
+        paths.append(tmp_path / f"{name}.png")
+        Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(paths[-1])
+    code, _, err = cli("blend", *paths, "--out", tmp_path / "x")
+    assert code == 2 and "carries no recipe" in err and "--prompt" in err, err
+    code, _, err = cli("blend", *paths, "--steps", "3", "--out", tmp_path / "x")
+    assert code == 2 and "--steps needs --prompt" in err
+    code, out, err = cli("blend", *paths, "--prompt", "a red circle", "--model", "tiny", "--steps", "4", "--seed",
+                         "3", "--frames", "3", "--out", tmp_path / "blend", "--json")  # fmt: skip
+    assert code == 0, err
+    frames = json.loads(out)
+    recipe = frames[1]["recipe"]
+    assert (recipe["kind"], recipe["blend"]["a"], recipe["width"], recipe["height"]) == ("blend", None, 24, 16)
+    assert recipe["strength"] == 0.6 and len(recipe["blend"]["b_sha256"]) == 64
+    pixels = [np.asarray(Image.open(f["path"]), dtype=int) for f in frames]
+    assert np.abs(pixels[0] - pixels[2]).max() > 0
+    assert "Blend picture: " in Image.open(frames[1]["path"]).text["parameters"]
+    code, out, err = cli("verify", frames[1]["path"])
+    assert code == 0 and "identical" in out, (out, err)
+
+
+def test_a_blend_of_two_drawn_circles_is_one_circle(shapes, tmp_path):
+    """Measured (8 seeds, strength 0.6, 20 steps): two pictures of the world (a red circle on the left, one on the
+    right) blended at t 0.5 under "a red circle" gave one red circle every time (8/8, judged), never two."""
+    from spellbook.engine.pipeline import GenerationInputs
+    from spellbook.recipe import Blend, InputRef
+    from spellbook.toy.world import Scene, render
+
+    rng = np.random.default_rng(0)
+    left, right = (Image.fromarray(render(Scene("red", "circle", p, "gray"), rng)) for p in ("left", "right"))
+    found = []
+    for seed in range(8):
+        recipe = make_recipe(
+            {"kind": "img2img", "prompt": "a red circle", "seed": seed, "strength": 0.6},
+            shapes.recipe_defaults(),
+            init_image=InputRef("0" * 64),
+        ).with_(kind="blend", blend=Blend(0.5, None, None, "0" * 64, "1" * 64))
+        inputs = GenerationInputs(init_image=left, blend_image=right)
+        picture = to_pil(generate(shapes, recipe, inputs)[0])[0]
+        judged, (_, count) = judge_trained(picture), red_x(picture)
+        found.append((judged.colour, judged.shape, count < 1.5 * red_x(left)[1]))
+    assert found.count(("red", "circle", True)) >= 7, found
+
+
+def test_the_api_blends_two_gallery_pictures_by_their_pixels_given_a_prompt(make_client):
+    from jobwait import wait_done, wait_filed
+
+    client, _ = make_client()
+    ids = []
+    for prompt, steps in (("a red circle", 2), ("a green square", 3)):  # their recipes cannot be blended
+        job = client.post("/api/v1/jobs", json={"prompt": prompt, "steps": steps, "seed": 1}).json()
+        ids.append(wait_filed(client, job["id"])["result"]["images"][0]["image_id"])
+    refused = client.post("/api/v1/blends", json={"a": ids[0], "b": ids[1], "strength": 0.5})
+    assert refused.status_code == 400 and refused.json()["error"]["field"] == "strength"
+    body = {"a": ids[0], "b": ids[1], "prompt": "a red square", "strength": 0.5, "steps": 4, "seed": 8}
+    response = client.post("/api/v1/blends", json=body)
+    assert response.status_code == 202, response.text
+    done = wait_done(client, response.json()["id"])
+    assert done["state"] == "done", done
+    recipe = done["recipe"]
+    assert (recipe["kind"], recipe["blend"]["a"], recipe["strength"], recipe["prompt"]) == ("blend", None, 0.5,
+                                                                                          "a red square")  # fmt: skip

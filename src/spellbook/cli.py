@@ -344,12 +344,27 @@ def blend(
     frames: Annotated[
         int | None, typer.Option("--frames", help="Instead of --t: N pictures from A to B, evenly spaced.")
     ] = None,
+    prompt: Annotated[
+        str | None,
+        typer.Option("--prompt", help="Blend the pictures themselves (photos, sketches): their latents, redrawn."),
+    ] = None,
+    strength: Annotated[
+        float | None, typer.Option("--strength", help="With --prompt: how much is redrawn, 0-1 (default 0.6).")
+    ] = None,
+    negative: Negative = None,
+    steps: Steps = None,
+    cfg: Cfg = None,
+    sampler: Sampler = None,
+    size: Size = None,
+    seed: Seed = None,
+    model: Model = None,
     out: Out = Path("out"),
     as_json: Json = False,
     no_gallery: NoGallery = False,
 ) -> None:
-    """Pictures between two images ("halfway between these two"), from the recipes they carry: their noises
-    slerped, their prompts' encodings interpolated. t = 0 and t = 1 draw A and B again."""
+    """Pictures between two images ("halfway between these two"). From the recipes they carry: their noises
+    slerped, their prompts' encodings interpolated (t = 0 and 1 draw A and B again). With --prompt, from the
+    pictures themselves: both VAE-encoded, the latents slerped and drawn again as img2img."""
     if frames is not None and not 2 <= frames <= 100:
         raise UserError(f"--frames {frames}: give 2 to 100 (the first is A, the last B)", field="frames")
     ts = [t] if frames is None else [i / (frames - 1) for i in range(frames)]
@@ -359,7 +374,18 @@ def blend(
         if not path.is_file():
             raise UserError(f"{path} does not exist", field=field)
     studio = _studio()
-    recipes = studio.plan_blend(a, b, ts)
+    settings = {"negative": negative, "steps": steps, "cfg": cfg, "sampler": sampler, "size": size, "seed": seed,
+                "model": model, "strength": strength}  # fmt: skip
+    if prompt is None:
+        given = [name for name, value in settings.items() if value is not None]
+        if given:  # by recipes, everything comes from the two pictures: a setting given here would be ignored
+            raise UserError(f"--{given[0]} needs --prompt (a blend of the pictures themselves); a blend by their "
+                            "recipes takes every setting from them", field=given[0])  # fmt: skip
+        recipes = studio.plan_blend(a, b, ts)
+    else:
+        request = _generation_request(prompt, negative, steps, cfg, sampler, None, size, seed, 1, model, None, None,
+                                      None).with_(strength=strength, init_image_path=str(a))  # fmt: skip
+        recipes = studio.plan_blend_pictures(_open(a, "a"), _open(b, "b"), ts, request)
     bar, callback = _progress_bar(f"blend of {len(recipes)}", not as_json and sys.stderr.isatty())
     results = []
     with bar:

@@ -65,13 +65,14 @@ def blend_params(recipe: Recipe) -> dict[str, object]:
     blend = recipe.blend
     if blend is None:
         return {}
+    if blend.by_pictures:  # the line is the img2img run; picture B by its pixels' hash
+        return {"Blend": f"{blend.t:g}", "Blend picture": blend.b_sha256[:10]}
+    a, b = blend.a, blend.b
     return {
         "Blend": f"{blend.t:g}",
-        "Blend prompt": blend.b.prompt if blend.b.prompt != blend.a.prompt else None,
-        "Blend negative prompt": blend.b.negative_prompt
-        if blend.b.negative_prompt != blend.a.negative_prompt
-        else None,
-        "Blend seed": blend.b.image_seed,
+        "Blend prompt": b.prompt if b.prompt != a.prompt else None,
+        "Blend negative prompt": b.negative_prompt if b.negative_prompt != a.negative_prompt else None,
+        "Blend seed": b.image_seed,
     }
 
 

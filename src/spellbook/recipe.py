@@ -293,20 +293,28 @@ class Hires:
 
 @dataclass(frozen=True)
 class Blend:
-    """A picture between two others ("halfway between these two"): both pictures' recipes (each one image of its
-    batch) and `t` (0: the first, 1: the second). The blend starts from the spherical interpolation of their
-    noises and is conditioned on the linear interpolation of their prompt encodings (and CFG scales), so t = 0
-    and t = 1 draw the two pictures again. `a_sha256`/`b_sha256`: the pixels of the pictures it was made from."""
+    """A picture between two others ("halfway between these two"), `t` from 0 (the first) to 1 (the second).
+
+    By recipes (`a`, `b`: each picture's recipe, one image of its batch): the blend starts from the spherical
+    interpolation of their noises and is conditioned on the linear interpolation of their prompt encodings (and
+    CFG scales), so t = 0 and t = 1 draw the two pictures again. By pictures (`a`, `b` None: photos, sketches,
+    pictures without a usable recipe): both are VAE-encoded, their latents slerped, and the result drawn again as
+    img2img at the recipe's strength under its prompt; picture A is the recipe's init image, picture B the input
+    `b_sha256`. `a_sha256`/`b_sha256`: the pixels of the pictures it was made from."""
 
     t: float
-    a: Recipe
-    b: Recipe
+    a: Recipe | None
+    b: Recipe | None
     a_sha256: str = ""
     b_sha256: str = ""
 
+    @property
+    def by_pictures(self) -> bool:
+        return self.a is None
+
     def to_dict(self) -> dict[str, Any]:
-        return {"t": self.t, "a": self.a.to_dict(), "b": self.b.to_dict(), "a_sha256": self.a_sha256,
-                "b_sha256": self.b_sha256}  # fmt: skip
+        return {"t": self.t, "a": self.a.to_dict() if self.a else None, "b": self.b.to_dict() if self.b else None,
+                "a_sha256": self.a_sha256, "b_sha256": self.b_sha256}  # fmt: skip
 
     @classmethod
     def from_dict(cls, value: Any) -> Blend:
@@ -320,6 +328,9 @@ class Blend:
             raise UserError(f"must be a number from 0 to 1, got {t!r}", field="blend.t")
         parents = []
         for key in ("a", "b"):
+            if value.get("a") is None and value.get("b") is None:
+                parents.append(None)  # a blend of pictures
+                continue
             try:
                 parents.append(Recipe.from_dict(value.get(key)))
             except UserError as error:
@@ -594,7 +605,7 @@ def validate(recipe: Recipe, limits: Limits = Limits()) -> Recipe:
     if (r.kind == "blend") != (r.blend is not None):
         raise UserError("a blend recipe is kind 'blend' with a 'blend' record, and only it has one", field="blend")
     if r.kind == "blend":
-        _check_blend(r)
+        r = _check_blend(r)
     elif r.kind == "txt2img":
         if r.init_image or r.mask:
             raise UserError("a txt2img recipe takes no init image or mask", field="init_image")
@@ -638,7 +649,12 @@ def make_blend(a: Recipe, b: Recipe, t: float, *, a_sha256: str = "", b_sha256: 
     settings (its prompt and seed name it in the gallery), the CFG scale between theirs, and both concepts."""
     mismatch = blend_mismatch(a, b)
     if mismatch:
-        raise UserError(f"cannot blend these two by their recipes: {mismatch}", field="blend")
+        raise UserError(
+            f"cannot blend these two by their recipes: {mismatch}",
+            field="blend",
+            hint="blend the pictures themselves instead: give a prompt (spellbook blend --prompt, or `prompt` in "
+            "POST /api/v1/blends)",
+        )
     concepts = tuple(dict.fromkeys((*a.concepts, *b.concepts)))
     return validate(
         a.with_(
@@ -659,10 +675,22 @@ def make_blend(a: Recipe, b: Recipe, t: float, *, a_sha256: str = "", b_sha256: 
     )
 
 
-def _check_blend(r: Recipe) -> None:
+def _check_blend(r: Recipe) -> Recipe:
     blend = r.blend
     if not 0.0 <= blend.t <= 1.0:
         raise UserError(f"blend t {blend.t:g}: must be between 0 (picture A) and 1 (picture B)", field="blend.t")
+    if blend.by_pictures:
+        if r.init_image is None or len(blend.b_sha256) != 64:
+            raise UserError("a blend of pictures needs picture A (init_image) and B (blend.b_sha256)", field="blend")
+        if r.mask or r.hires or r.subseed_strength or r.seed_resize_from_w or r.batch_size != 1:
+            raise UserError("a blend of pictures is one img2img picture: no mask, batch or noise options",
+                            field="blend")  # fmt: skip
+        strength = 0.6 if r.strength is None else r.strength
+        if not 0.0 < strength <= 1.0:
+            raise UserError(f"strength {strength:g}: must be above 0 and at most 1", field="strength")
+        return replace(r, strength=strength)
+    if r.init_image is not None:
+        raise UserError("a blend by recipes starts from their noise, not an init image", field="init_image")
     mismatch = blend_mismatch(blend.a, blend.b)
     if mismatch:
         raise UserError(f"cannot blend: {mismatch}", field="blend")
@@ -672,6 +700,7 @@ def _check_blend(r: Recipe) -> None:
     for name in BLEND_SHARED:
         if getattr(r, name) != getattr(blend.a, name):
             raise UserError(f"the blend's {name} must be its pictures' ({getattr(blend.a, name)!r})", field=name)
+    return r
 
 
 def _check_seed_resize(r: Recipe, limits: Limits) -> None:

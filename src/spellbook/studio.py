@@ -36,6 +36,7 @@ from spellbook.provenance import (
     write_result,
 )
 from spellbook.recipe import (
+    Blend,
     Build,
     Hires,
     ImageRequest,
@@ -244,10 +245,12 @@ class Studio:
 
     def inputs_for_recipe(self, recipe: Recipe) -> GenerationInputs:
         """The init image, mask and concept vectors a recipe references by hash."""
+        by_pictures = recipe.blend is not None and recipe.blend.by_pictures
         return GenerationInputs(
             init_image=self.load_input(recipe.init_image, "init_image") if recipe.init_image else None,
             mask=self.load_input(recipe.mask, "mask") if recipe.mask else None,
             concepts=self.concepts.vectors_for(recipe.concepts),  # each checked against its recorded hash
+            blend_image=self.load_input(InputRef(recipe.blend.b_sha256, ""), "blend") if by_pictures else None,
         )
 
     def run(
@@ -349,6 +352,28 @@ class Studio:
             return self.plan(request_from_foreign(meta.foreign, model or recorded))
         raise UserError(f"{path} carries no recipe (no Spellbook, A1111 or ComfyUI metadata)", field="image")
 
+    def plan_blend_pictures(
+        self,
+        a: Image.Image,
+        b: Image.Image,
+        ts: list[float],
+        request: ImageRequest,
+        *,
+        allow_paths: bool = True,
+        concepts_of: int | None = None,
+    ) -> list[Recipe]:
+        """Blends of two pictures by their pixels: `request` (kind img2img: prompt, strength, seed, size, model…)
+        with picture A as its init image; picture B is kept as an input too. Nothing runs yet."""
+        strength = 0.6 if request.strength is None else request.strength  # a blend keeps less than img2img's 0.75
+        base = self.plan(
+            request.with_(kind="img2img", init_image=a, strength=strength),
+            allow_paths=allow_paths,
+            concepts_of=concepts_of,
+        )
+        b_ref = self._store_input(b.convert("RGB"), "")
+        blends = [Blend(float(t), None, None, base.init_image.sha256, b_ref.sha256) for t in ts]
+        return [validate(base.with_(kind="blend", blend=blend), self.limits) for blend in blends]
+
     def plan_blend(self, a: Path, b: Path, ts: list[float], *, lenient: bool = False) -> list[Recipe]:
         """The recipes of pictures between two images (t 0: A, 1: B), made from the recipes the images carry
         (ours, or A1111's as `reproduce` reads them). Nothing runs yet."""
@@ -357,7 +382,11 @@ class Studio:
             try:
                 recipe = self.recipe_of(path, lenient=lenient)
             except UserError as error:
-                raise UserError(f"picture {key.upper()} ({path.name}): {error.message}", field=key) from None
+                raise UserError(
+                    f"picture {key.upper()} ({path.name}): {error.message}",
+                    field=key,
+                    hint="to blend pictures without a usable recipe, give a prompt (spellbook blend --prompt)",
+                ) from None
             parents.append((recipe, image_sha256(open_image(path, key))))
         (recipe_a, sha_a), (recipe_b, sha_b) = parents
         build = self.build()

@@ -46,6 +46,7 @@ class GenerationInputs:
     init_image: Image.Image | None = None
     mask: Image.Image | None = None
     concepts: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> vectors (n, width)
+    blend_image: Image.Image | None = None  # a blend of pictures: picture B (A is init_image)
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,11 @@ def generate(
     concepts = _concepts(components, first, inputs)
     if first.kind == "blend":
         [blended] = recipes  # a blend is never batched (batch_key is empty for it)
-        images = _blend(components, blended, concepts, _Progress(on_step, cancel))
+        progress = _Progress(on_step, cancel)
+        if blended.blend.by_pictures:
+            images = _blend_pictures(components, blended, inputs, concepts, progress)
+        else:
+            images = _blend(components, blended, concepts, progress)
         check_images(images, blended)
         return [images]
     # 2. Encode each prompt once (A1111 syntax, long prompts, concepts); a repeated prompt comes from the cache.
@@ -516,6 +521,26 @@ def _blend(components: Components, recipe: Recipe, concepts: dict[str, torch.Ten
                      subseed=None, subseed_strength=0.0, seed_resize_from_w=0, seed_resize_from_h=0)  # fmt: skip
     piece = _Slice(0, runner, torch.lerp(pos_a, pos_b, t), torch.lerp(neg_a, neg_b, t), 0, 1)
     return _denoise(components, [piece], None, None, progress.reporter(0, 1), latents=noise).astype(np.float32)
+
+
+def _blend_pictures(
+    components: Components, recipe: Recipe, inputs: GenerationInputs, concepts: dict[str, torch.Tensor], progress
+):
+    """A blend of two pictures: both VAE-encoded (the distribution's mode), their latents slerped at t, drawn
+    again as img2img at the recipe's strength under its prompt."""
+    if inputs.init_image is None or inputs.blend_image is None:
+        raise UserError("a blend of pictures needs both pictures", field="blend")
+    size = (recipe.width, recipe.height)
+    vae = components.vae
+    encoded = []
+    with torch.inference_mode():
+        for picture in (inputs.init_image, inputs.blend_image):
+            pixels = np.asarray(picture.convert("RGB").resize(size, Image.LANCZOS), dtype=np.float32) / 127.5 - 1.0
+            tensor = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0).to(vae.device, vae.dtype)
+            encoded.append(vae.encode(tensor).latent_dist.mode()[0] * vae.config.scaling_factor)
+    latents = slerp(recipe.blend.t, encoded[0].float(), encoded[1].float()).unsqueeze(0)
+    runner = recipe.with_(kind="img2img", blend=None)
+    return _run_passes(components, _slices(components, [runner], concepts), latents, None, progress)[0]
 
 
 def _seed_resize(recipe: Recipe, factor: int) -> tuple[int, int] | None:

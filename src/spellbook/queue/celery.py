@@ -253,6 +253,9 @@ class Dispatcher(BackgroundLoop):
                 ref = job.request["recipe"].get(key)
                 if ref:
                     digests.append(ref["sha256"])
+            blend = job.request["recipe"].get("blend") or {}
+            if blend.get("a") is None and blend.get("b_sha256"):  # a blend of pictures: picture B too
+                digests.append(blend["b_sha256"])
         return {
             digest: base64.b64encode((self.settings.inputs_dir / f"{digest}.png").read_bytes()).decode()
             for digest in digests

@@ -101,7 +101,9 @@ def job_cost(recipe: Recipe) -> int:
     from spellbook.engine.schedule import composable_parts
 
     steps = (
-        recipe.steps if recipe.kind in ("txt2img", "blend") else max(1, int(recipe.steps * (recipe.strength or 1.0)))
+        recipe.steps
+        if recipe.kind == "txt2img" or (recipe.kind == "blend" and not recipe.blend.by_pictures)
+        else max(1, int(recipe.steps * (recipe.strength or 1.0)))
     )
     passes = max(2, len(composable_parts(recipe.prompt)) + 1)
     work = recipe.batch_size * steps * recipe.width * recipe.height * passes // 2

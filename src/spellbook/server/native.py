@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+from pathlib import Path as Path_
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Path, Query, Request
@@ -188,6 +189,15 @@ class BlendRequest(BaseModel):
     a: int = Field(ge=1, le=2**62, description="the gallery image id of picture A (t = 0)")
     b: int = Field(ge=1, le=2**62, description="the gallery image id of picture B (t = 1)")
     t: float = Field(0.5, ge=0, le=1, description="where between them: 0 is A, 1 is B")
+    # Given a prompt, the pictures themselves are blended (their latents slerped, drawn again as img2img): for
+    # pictures whose recipes cannot be blended, or that have none.
+    prompt: str | None = Field(None, max_length=20_000, description="blend the pictures themselves, under this")
+    negative_prompt: str | None = Field(None, max_length=20_000)
+    strength: float | None = Field(None, gt=0, le=1, description="with prompt: how much is drawn again (0.6)")
+    seed: int | None = Field(None, ge=-1, le=2**32 - 1)
+    steps: int | None = Field(None, ge=1, le=10_000)
+    guidance: float | None = Field(None, ge=0, le=100)
+    model: str | None = Field(None, max_length=200)
 
 
 @router.post("/blends", status_code=202)
@@ -202,6 +212,29 @@ def create_blend(
 
     services = services_of(request)
     idempotency = Idempotency.of(idempotency_key, body.model_dump_json())
+    settings = body.model_dump(exclude={"a", "b", "t", "prompt"}, exclude_none=True)
+    if body.prompt is None:
+        if settings:
+            name = next(iter(settings))
+            raise UserError(f"{name} needs prompt (a blend of the pictures themselves); a blend by their recipes "
+                            "takes every setting from them", field=name)  # fmt: skip
+    else:
+        from spellbook.provenance import open_image
+
+        pictures = []
+        for key in ("a", "b"):
+            try:
+                details = gallery.show(services.db, getattr(body, key), viewer=who.id)
+            except NotFound as error:
+                raise NotFound(error.message, field=key) from None
+            pictures.append(open_image(Path_(details.image.path), key, services.settings.max_pixels))
+        picture_request = ImageRequest.from_dict({**settings, "prompt": body.prompt}).with_(
+            model=body.model or services.default_model
+        )
+        [recipe] = services.studio.plan_blend_pictures(
+            *pictures, [body.t], picture_request, allow_paths=False, concepts_of=who.concepts_of
+        )
+        return job_view(services, submit(services, who, None, idempotency, recipe=recipe))
     parents = []
     for key in ("a", "b"):
         image_id = getattr(body, key)
