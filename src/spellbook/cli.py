@@ -583,6 +583,61 @@ def _open(path: Path, field: str):
 
 
 @app.command()
+def upscale(
+    image: Annotated[Path, typer.Argument(help="The picture to enlarge.")],
+    scale: Annotated[float, typer.Option("--scale", help="How many times larger, e.g. 2 or 4.")] = 4.0,
+    upscaler: Annotated[
+        str,
+        typer.Option(
+            "--upscaler", help="Lanczos, Nearest, an ESRGAN/Real-ESRGAN model in SPELLBOOK_HOME/upscalers, or a path."
+        ),
+    ] = "Lanczos",
+    tile: Annotated[int, typer.Option("--tile", help="Tile side in input pixels (memory follows it); 0: whole.")] = 256,
+    out: Out = Path("out"),
+    as_json: Json = False,
+) -> None:
+    """Enlarge a picture with a resampler or an ESRGAN-family model (tiled). The PNG keeps the picture's A1111
+    parameters with A1111's Postprocess keys added; a spellbook-upscale chunk names the source and the model."""
+    import hashlib
+    import io
+
+    from spellbook.infotext import read_png_text, write_png_text
+    from spellbook.provenance import image_sha256, write_png_bytes
+    from spellbook.settings import Settings
+    from spellbook.studio import next_image_number
+    from spellbook.upscale import resolve_upscaler, upscale_image
+
+    if not 1.0 <= scale <= 8.0:
+        raise UserError(f"--scale {scale:g}: give 1 to 8", field="scale")
+    if tile < 0 or 0 < tile < 16:
+        raise UserError(f"--tile {tile}: give 0 (the whole picture at once) or at least 16", field="tile")
+    settings = Settings.from_env()
+    picture = _open(image, "image")
+    size = (round(picture.width * scale), round(picture.height * scale))
+    if size[0] * size[1] > settings.max_pixels:
+        raise UserError(f"{size[0]}x{size[1]} is over the limit of {settings.max_pixels} pixels", field="scale")
+    model = resolve_upscaler(upscaler, settings.upscalers_dir)
+    result = upscale_image(picture, scale, model, tile=tile)
+    name = upscaler if isinstance(model, str) else model.name
+    chunks = {k: v for k, v in read_png_text(image).items() if k in ("parameters",)}
+    postprocess = f"Postprocess upscale by: {scale:g}, Postprocess upscaler: {name}"
+    chunks["parameters"] = f"{chunks['parameters']}, {postprocess}" if chunks.get("parameters") else postprocess
+    record = {"source": image_sha256(picture), "upscaler": name, "scale": scale, "tile": tile,
+              "upscaler_sha256": None if isinstance(model, str) else model.sha256}  # fmt: skip
+    chunks["spellbook-upscale"] = json.dumps(record)
+    out.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256(result.tobytes()).hexdigest()[:8]
+    path = out / f"{next_image_number(out):05d}-upscaled-{digest}.png"
+    buffer = io.BytesIO()
+    write_png_text(result, buffer, chunks)
+    write_png_bytes(buffer.getvalue(), path)  # atomically, as every PNG Spellbook writes
+    if as_json:
+        _echo_json({"path": str(path), "size": list(result.size), **record})
+    else:
+        typer.echo(path)
+
+
+@app.command()
 def img2img(
     image: Annotated[Path, typer.Argument(help="The start image (a sketch, a photo).")],
     prompt: Annotated[str, typer.Argument(help="What to draw.")],

@@ -84,6 +84,11 @@ class Settings:
         return self.images_dir / f"{when:%Y}" / f"{when:%m}" / f"{when:%d}" / name
 
     @property
+    def upscalers_dir(self) -> Path:
+        """ESRGAN / Real-ESRGAN models (.safetensors), by file name: `spellbook upscale --upscaler NAME`."""
+        return self.home / "upscalers"
+
+    @property
     def inputs_dir(self) -> Path:
         """Init images and masks, stored by content hash so `reproduce` can find them."""
         return self.home / "inputs"
