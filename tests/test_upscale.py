@@ -173,3 +173,23 @@ def test_the_upscale_command(home, tmp_path, capsys, monkeypatch):
     assert code == 0 and Image.open(json.loads(out)["path"]).size == (40, 32)  # Lanczos, 4x by default
     code, _, err = run_cli(["upscale", source, "--upscaler", "R-ESRGAN 4x+", "--out", tmp_path], capsys, monkeypatch)
     assert code == 2 and "unknown upscaler" in err and "tiny4x" in err and len(err.strip().splitlines()) == 1
+
+
+def test_sd_upscale_redraws_the_enlarged_picture_tile_by_tile(studio, tmp_path):
+    from spellbook.recipe import ImageRequest
+    from spellbook.upscale import sd_upscale
+
+    picture = Image.fromarray(np.random.default_rng(5).integers(0, 255, (12, 20, 3), dtype=np.uint8))
+    request = ImageRequest(prompt="a red circle", model="tiny", steps=3, seed=4, strength=0.4)
+    seen = []
+    first, tiles = sd_upscale(
+        studio, picture, 2.0, "Lanczos", request, on_tile=lambda n, total: seen.append((n, total))
+    )
+    assert first.size == (40, 24)  # 24x40 rounded to multiples of 8, tiles of the model's 16 px
+    assert len(tiles) == seen[-1][1] == len(seen) > 1
+    assert {t["recipe"]["seed"] for t in tiles} == {4} and all(t["recipe"]["kind"] == "img2img" for t in tiles)
+    assert max(t["left"] for t in tiles) + 16 == 40 and max(t["top"] for t in tiles) + 16 == 24
+    again, _ = sd_upscale(studio, picture, 2.0, "Lanczos", request)
+    assert np.array_equal(np.asarray(first), np.asarray(again))  # the same recipes, the same picture
+    lanczos = picture.resize((40, 24), Image.Resampling.LANCZOS)
+    assert np.abs(np.asarray(first, dtype=int) - np.asarray(lanczos, dtype=int)).mean() > 1  # redrawn

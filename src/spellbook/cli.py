@@ -592,15 +592,35 @@ def upscale(
             "--upscaler", help="Lanczos, Nearest, an ESRGAN/Real-ESRGAN model in SPELLBOOK_HOME/upscalers, or a path."
         ),
     ] = "Lanczos",
-    tile: Annotated[int, typer.Option("--tile", help="Tile side in input pixels (memory follows it); 0: whole.")] = 256,
+    tile: Annotated[
+        int | None,
+        typer.Option("--tile", help="Tile side: a model upscaler's input (256), --prompt's img2img (model's size)."),
+    ] = None,
+    prompt: Annotated[
+        str | None,
+        typer.Option("--prompt", help="Then draw it again tile by tile under this prompt (A1111's SD upscale)."),
+    ] = None,
+    strength: Annotated[
+        float | None, typer.Option("--strength", help="With --prompt: how much each tile is redrawn (0.3).")
+    ] = None,
+    negative: Negative = None,
+    steps: Steps = None,
+    cfg: Cfg = None,
+    sampler: Sampler = None,
+    seed: Seed = None,
+    model: Model = None,
     out: Out = Path("out"),
     as_json: Json = False,
 ) -> None:
-    """Enlarge a picture with a resampler or an ESRGAN-family model (tiled). The PNG keeps the picture's A1111
-    parameters with A1111's Postprocess keys added; a spellbook-upscale chunk names the source and the model."""
+    """Enlarge a picture with a resampler or an ESRGAN-family model (tiled); with --prompt, then draw it again
+    tile by tile as img2img (A1111's SD upscale). The PNG keeps the picture's A1111 parameters with A1111's
+    Postprocess keys added; a spellbook-upscale chunk names the source, the model and every tile's recipe."""
     import hashlib
     import io
 
+    from spellbook.cli_context import quiet_libraries
+
+    quiet_libraries()  # before spellbook.studio brings diffusers and transformers in
     from spellbook.infotext import read_png_text, write_png_text
     from spellbook.provenance import image_sha256, write_png_bytes
     from spellbook.settings import Settings
@@ -609,22 +629,42 @@ def upscale(
 
     if not 1.0 <= scale <= 8.0:
         raise UserError(f"--scale {scale:g}: give 1 to 8", field="scale")
-    if tile < 0 or 0 < tile < 16:
+    if tile is not None and (tile < 0 or 0 < tile < 16):
         raise UserError(f"--tile {tile}: give 0 (the whole picture at once) or at least 16", field="tile")
+    redraw = {"strength": strength, "negative": negative, "steps": steps, "cfg": cfg, "sampler": sampler,
+              "seed": seed, "model": model}  # fmt: skip
+    if prompt is None and (given := [name for name, value in redraw.items() if value is not None]):
+        raise UserError(f"--{given[0]} needs --prompt (the tiles are drawn again only under a prompt)",
+                        field=given[0])  # fmt: skip
     settings = Settings.from_env()
     picture = _open(image, "image")
     size = (round(picture.width * scale), round(picture.height * scale))
     if size[0] * size[1] > settings.max_pixels:
         raise UserError(f"{size[0]}x{size[1]} is over the limit of {settings.max_pixels} pixels", field="scale")
-    model = resolve_upscaler(upscaler, settings.upscalers_dir)
-    result = upscale_image(picture, scale, model, tile=tile)
+    chosen = resolve_upscaler(upscaler, settings.upscalers_dir)
+    tiles = []
+    if prompt is None:
+        result = upscale_image(picture, scale, chosen, tile=256 if tile is None else tile)
+    else:
+        from spellbook.upscale import sd_upscale
+
+        request = _generation_request(prompt, negative, steps, cfg, sampler, None, None, seed, 1, model, None, None,
+                                      None).with_(strength=0.3 if strength is None else strength)  # fmt: skip
+        if request.seed in (None, -1):  # one seed for every tile, recorded
+            import random
+
+            request = request.with_(seed=random.SystemRandom().randint(0, 2**32 - 1))
+        result, tiles = sd_upscale(_studio(), picture, scale, chosen, request, tile=tile or 0)
+    model = chosen
     name = upscaler if isinstance(model, str) else model.name
     chunks = {k: v for k, v in read_png_text(image).items() if k in ("parameters",)}
     postprocess = f"Postprocess upscale by: {scale:g}, Postprocess upscaler: {name}"
     chunks["parameters"] = f"{chunks['parameters']}, {postprocess}" if chunks.get("parameters") else postprocess
     record = {"source": image_sha256(picture), "upscaler": name, "scale": scale, "tile": tile,
               "upscaler_sha256": None if isinstance(model, str) else model.sha256}  # fmt: skip
-    chunks["spellbook-upscale"] = json.dumps(record)
+    chunks["spellbook-upscale"] = json.dumps({**record, "tiles": tiles} if tiles else record)
+    if tiles:
+        record["tiles"] = len(tiles)
     out.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256(result.tobytes()).hexdigest()[:8]
     path = out / f"{next_image_number(out):05d}-upscaled-{digest}.png"

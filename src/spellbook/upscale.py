@@ -235,3 +235,53 @@ def upscale_image(image: Image.Image, factor: float, upscaler, tile: int = 256) 
     while result.width < size[0] or result.height < size[1]:
         result = upscaler.upscale(result, tile=tile)
     return result if result.size == size else result.resize(size, Image.Resampling.LANCZOS)
+
+
+def _tile_starts(length: int, tile: int, step: int) -> list[int]:
+    return sorted({min(start, max(0, length - tile)) for start in range(0, max(1, length - tile + step), step)})
+
+
+def sd_upscale(
+    studio,
+    picture: Image.Image,
+    factor: float,
+    upscaler,
+    request,
+    *,
+    tile: int = 0,
+    overlap: int = 0,
+    on_tile=None,
+) -> tuple[Image.Image, list]:
+    """A1111's "SD upscale": the picture enlarged by `upscaler`, then drawn again tile by tile as img2img under
+    `request` (prompt, strength, seed, steps…; the same seed for every tile), the tiles overlapping and their seams
+    feathered. Tiles are the model's native size unless `tile` says (multiples of 8). Returns the picture and the
+    recipes of its tiles (with where each lies), so the result can be checked tile by tile."""
+    import torch
+
+    native = studio.model_info(request.model).defaults.get("width") or 512
+    tile = (tile or native) // 8 * 8
+    overlap = (overlap or tile // 4) // 8 * 8
+    big = upscale_image(picture, factor, upscaler)
+    width, height = big.width // 8 * 8, big.height // 8 * 8  # img2img sizes are multiples of 8
+    big = big.resize((width, height), Image.Resampling.LANCZOS) if big.size != (width, height) else big
+    tile_w, tile_h = min(tile, width), min(tile, height)
+    step_w, step_h = max(8, tile_w - overlap), max(8, tile_h - overlap)
+    out = torch.zeros(3, height, width)
+    weight = torch.zeros(1, height, width)
+    recipes = []
+    positions = [
+        (top, left) for top in _tile_starts(height, tile_h, step_h) for left in _tile_starts(width, tile_w, step_w)
+    ]
+    for number, (top, left) in enumerate(positions):
+        crop = big.crop((left, top, left + tile_w, top + tile_h))
+        recipe = studio.plan(request.with_(kind="img2img", init_image=crop, width=tile_w, height=tile_h))
+        [result] = studio.run(recipe)
+        pixels = torch.from_numpy(np.asarray(result.image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        ramp = _ramp(tile_h, tile_w, overlap)[0]
+        out[:, top : top + tile_h, left : left + tile_w] += pixels * ramp[0]
+        weight[:, top : top + tile_h, left : left + tile_w] += ramp[0]
+        recipes.append({"left": left, "top": top, "recipe": recipe.to_dict()})
+        if on_tile is not None:
+            on_tile(number + 1, len(positions))
+    blended = (out / weight.clamp_min(1e-8)).clamp(0, 1).permute(1, 2, 0).numpy()
+    return Image.fromarray((blended * 255.0).round().astype(np.uint8)), recipes
