@@ -85,3 +85,16 @@ def make_client(home, studio):
     yield make
     for client in clients:
         client.__exit__(None, None, None)
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch, home, tiny_model_dir):
+    """`spellbook …` in this process (exit code, stdout, stderr), with the tiny model added as `tiny`."""
+    from clirun import run_cli
+
+    def call(*args):
+        return run_cli(args, capsys, monkeypatch)
+
+    code, _, err = call("models", "add", tiny_model_dir, "--name", "tiny")
+    assert code == 0, err
+    return call

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clirun import run_cli
 from spellbook.engine.pipeline import generate, to_pil
 from spellbook.errors import UserError
 from spellbook.queue.jobs import job_cost
@@ -66,15 +65,6 @@ def test_a_recipe_that_says_blend_is_checked_like_any_other(tiny):
     with pytest.raises(UserError) as refused:
         Recipe.from_dict({**data, "kind": "txt2img"})
     assert refused.value.field == "blend"
-
-
-@pytest.fixture
-def cli(capsys, monkeypatch, home, tiny_model_dir):
-    def call(*args):
-        return run_cli(args, capsys, monkeypatch)
-
-    assert call("models", "add", tiny_model_dir, "--name", "tiny")[0] == 0
-    return call
 
 
 def test_the_blend_command_draws_frames_that_verify(cli, tmp_path):

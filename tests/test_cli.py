@@ -10,18 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clirun import run_cli
 from spellbook.infotext import parse_infotext, read_png_text
-
-
-@pytest.fixture
-def cli(capsys, monkeypatch, home, tiny_model_dir):
-    def call(*args):
-        return run_cli(args, capsys, monkeypatch)
-
-    code, _, err = call("models", "add", tiny_model_dir, "--name", "tiny")
-    assert code == 0, err
-    return call
 
 
 def test_generate_writes_pngs_whose_metadata_reads_as_a1111(cli, tmp_path):

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clirun import run_cli
 from spellbook.errors import UserError
 from spellbook.grid import parse_axis
 from spellbook.provenance import read_grid
@@ -52,15 +51,6 @@ def test_bad_axes_are_refused_by_name(text, words):
     with pytest.raises(UserError) as refused:
         parse_axis(text, "--y")
     assert refused.value.field == "--y" and words in refused.value.message
-
-
-@pytest.fixture
-def cli(capsys, monkeypatch, home, tiny_model_dir):
-    def call(*args):
-        return run_cli(args, capsys, monkeypatch)
-
-    assert call("models", "add", tiny_model_dir, "--name", "tiny")[0] == 0
-    return call
 
 
 def test_a_grid_saves_every_cell_and_a_labelled_grid_per_z_that_reproduces(cli, tmp_path):

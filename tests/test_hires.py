@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clirun import run_cli
 from spellbook.engine.pipeline import generate, to_pil
 from spellbook.errors import UserError
 from spellbook.provenance import infotext
@@ -181,15 +180,6 @@ def test_the_native_api_takes_a_hires_object(make_client):
     assert bad.status_code == 400 and bad.json()["error"]["field"] == "hires.upscaler", bad.text
     extra = client.post("/api/v1/jobs", json={"prompt": "x", "hires": {"scale": 2, "sharpen": 1}})
     assert extra.status_code in (400, 422) and "sharpen" in extra.text
-
-
-@pytest.fixture
-def cli(capsys, monkeypatch, home, tiny_model_dir):
-    def call(*args):
-        return run_cli(args, capsys, monkeypatch)
-
-    assert call("models", "add", tiny_model_dir, "--name", "tiny")[0] == 0
-    return call
 
 
 def test_the_cli_takes_hires_flags(cli, tmp_path):

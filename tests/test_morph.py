@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clirun import run_cli
 from spellbook.errors import UserError
 from spellbook.morph import EVEN_RATIO, Frame, Morph, even_frames, render, step_distances, unevenness
 from spellbook.recipe import make_recipe
@@ -45,15 +44,6 @@ def test_frames_are_added_where_the_motion_jumps(tiny):
     added = [f.t for f in morph.frames if round(f.t * 10, 6) != round(f.t * 10)]
     assert added and all(0.4 <= t <= 0.5 for t in added), added
     assert morph.distances == step_distances(images, loop=False)
-
-
-@pytest.fixture
-def cli(capsys, monkeypatch, home, tiny_model_dir):
-    def call(*args):
-        return run_cli(args, capsys, monkeypatch)
-
-    assert call("models", "add", tiny_model_dir, "--name", "tiny")[0] == 0
-    return call
 
 
 def test_the_morph_command_writes_frames_an_animation_and_a_sidecar_that_reproduces(cli, tmp_path):

@@ -376,11 +376,9 @@ def blend(
     studio = _studio()
     settings = {"negative": negative, "steps": steps, "cfg": cfg, "sampler": sampler, "size": size, "seed": seed,
                 "model": model, "strength": strength}  # fmt: skip
-    if prompt is None:
-        given = [name for name, value in settings.items() if value is not None]
-        if given:  # by recipes, everything comes from the two pictures: a setting given here would be ignored
-            raise UserError(f"--{given[0]} needs --prompt (a blend of the pictures themselves); a blend by their "
-                            "recipes takes every setting from them", field=given[0])  # fmt: skip
+    if prompt is None:  # by recipes, everything comes from the two pictures: a setting given here would be ignored
+        _refuse_without_prompt(settings, "a blend of the pictures themselves; a blend by their recipes takes every "
+                               "setting from them")  # fmt: skip
         recipes = studio.plan_blend(a, b, ts)
     else:
         request = _generation_request(prompt, negative, steps, cfg, sampler, None, size, seed, 1, model, None, None,
@@ -582,6 +580,13 @@ def _open(path: Path, field: str):
     return open_image(path, field)
 
 
+def _refuse_without_prompt(options: dict, why: str) -> None:
+    """Options that only a --prompt run uses, given without one: refused by name rather than ignored."""
+    given = [name for name, value in options.items() if value is not None]
+    if given:
+        raise UserError(f"--{given[0]} needs --prompt ({why})", field=given[0])
+
+
 @app.command()
 def upscale(
     image: Annotated[Path, typer.Argument(help="The picture to enlarge.")],
@@ -633,9 +638,8 @@ def upscale(
         raise UserError(f"--tile {tile}: give 0 (the whole picture at once) or at least 16", field="tile")
     redraw = {"strength": strength, "negative": negative, "steps": steps, "cfg": cfg, "sampler": sampler,
               "seed": seed, "model": model}  # fmt: skip
-    if prompt is None and (given := [name for name, value in redraw.items() if value is not None]):
-        raise UserError(f"--{given[0]} needs --prompt (the tiles are drawn again only under a prompt)",
-                        field=given[0])  # fmt: skip
+    if prompt is None:
+        _refuse_without_prompt(redraw, "the tiles are drawn again only under a prompt")
     settings = Settings.from_env()
     picture = _open(image, "image")
     size = (round(picture.width * scale), round(picture.height * scale))
