@@ -225,6 +225,12 @@ def test_webuiapi_client_works_unchanged(home, studio, tmp_path):
         assert api.get_options()["sd_model_checkpoint"].startswith("tiny [")
         assert {s["name"] for s in api.get_samplers()} >= {"Euler a", "DPM++ 2M"}
         assert "progress" in api.get_progress()
+        hires = api.txt2img(prompt="a red circle", seed=5, width=16, height=16, steps=2, enable_hr=True, hr_scale=2,
+                            hr_upscaler=webuiapi.HiResUpscaler.LatentNearestExact, hr_second_pass_steps=1,
+                            denoising_strength=0.5)  # fmt: skip
+        assert hires.images[0].size == (32, 32)
+        assert "Hires upscaler: Latent (nearest-exact)" in hires.info["infotexts"][0]
+        assert "Latent (nearest-exact)" in {mode["name"] for mode in api.get_latent_upscale_modes()}
 
 
 def test_finished_jobs_are_searchable_and_private_until_published(make_client, home):

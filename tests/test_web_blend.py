@@ -40,6 +40,8 @@ def test_blend_pressed_on_two_results_draws_the_picture_between_them(home, page,
         expect(page.locator("#status")).to_contain_text("Done: 1 image")
         result = page.locator(".result").first
         expect(result.locator('dd[data-field="blend"]')).to_contain_text("t 0.5")
+        expect(result.locator('button[data-action="blend"]')).to_have_count(1)  # once filed: blend it again
+        expect(result.locator('button[data-action="remix"]')).to_have_count(0)  # a blend has no form to edit
         page.wait_for_function("(() => { const i = document.querySelector('.result img'); "
                                "return i && i.complete && i.naturalWidth === 32; })()")  # fmt: skip
         shots = Path(os.environ.get("SPELLBOOK_SCREENSHOTS") or tmp_path)

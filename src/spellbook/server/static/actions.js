@@ -70,7 +70,8 @@ export function imageActions({ src, imageId, recipe, filename, onSend, onRemix, 
   toImg2img.addEventListener("click", () => onSend("img2img", src));
   toInpaint.addEventListener("click", () => onSend("inpaint", src));
   bar.append(toImg2img, toInpaint);
-  if (imageId !== undefined && imageId !== null) {
+  // A blend has no form to edit (it is made from two pictures): no Remix, but it can be blended again.
+  if (imageId !== undefined && imageId !== null && !(recipe && recipe.kind === "blend")) {
     const remix = button("Remix", "remix", "put this image's recipe in the Create form to edit");
     remix.addEventListener("click", async () => {
       try {
@@ -79,9 +80,12 @@ export function imageActions({ src, imageId, recipe, filename, onSend, onRemix, 
         say(`Remix failed: ${err.message}`);
       }
     });
+    bar.append(remix);
+  }
+  if (imageId !== undefined && imageId !== null) {
     const blend = button("Blend", "blend", "the picture halfway between this one and another: press on both");
     blend.addEventListener("click", () => blendWith(imageId, say));
-    bar.append(remix, blend);
+    bar.append(blend);
   }
   const copy = button("Copy recipe", "copy", "copy the full recipe (JSON)");
   copy.addEventListener("click", async () => {
