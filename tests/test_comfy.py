@@ -625,6 +625,32 @@ def test_a_hires_fix_graph_is_one_job_with_a_second_pass(make_client):
     assert (recipe["hires"]["width"], recipe["hires"]["height"], recipe["hires"]["upscaler"]) == (80, 80, "Latent")
 
 
+def test_a_hires_fix_on_pixels_is_read_as_a_lanczos_hires_job(make_client):
+    client, _ = make_client()
+    graph = hires_graph()
+    graph["20"] = {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}}
+    graph["10"] = {"class_type": "ImageScaleBy",
+                   "inputs": {"image": ["20", 0], "upscale_method": "lanczos", "scale_by": 1.5}}  # fmt: skip
+    graph["22"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["10", 0], "vae": ["4", 2]}}
+    graph["11"]["inputs"]["latent_image"] = ["22", 0]
+    response = client.post("/prompt", json={"prompt": graph})
+    assert response.status_code == 200, response.text
+    entry = wait_history(client, response.json()["prompt_id"])
+    [image] = entry["outputs"]["9"]["images"]
+    assert Image.open(io.BytesIO(client.get("/view", params=image).content)).size == (24, 24)
+    recipe = client.get(f"/api/v1/jobs/{response.json()['prompt_id']}").json()["recipe"]
+    assert (recipe["hires"]["upscaler"], recipe["hires"]["width"]) == ("Lanczos", 24)
+    graph["10"]["inputs"]["upscale_method"] = "area"
+    refused = client.post("/prompt", json={"prompt": graph})
+    assert refused.status_code == 400 and "pixel upscalers" in json.dumps(refused.json()["node_errors"]["10"])
+    plain = tiny_workflow()  # scaling the output picture itself is not a hires fix: refused at the output
+    plain["10"] = {"class_type": "ImageScaleBy",
+                   "inputs": {"image": ["8", 0], "upscale_method": "lanczos", "scale_by": 2.0}}  # fmt: skip
+    plain["9"]["inputs"]["images"] = ["10", 0]
+    refused = client.post("/prompt", json={"prompt": plain})
+    assert refused.status_code == 400 and "9" in refused.json()["node_errors"]
+
+
 @pytest.mark.parametrize(
     "change, node, name",
     [

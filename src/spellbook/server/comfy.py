@@ -90,6 +90,9 @@ COMFY_LATENT_UPSCALERS = {
     "bilinear": "Latent",
     "bicubic": "Latent (bicubic)",
 }
+# ComfyUI's image scale methods; those A1111 has as hires-fix pixel upscalers run.
+IMAGE_SCALE_METHODS = ["nearest-exact", "bilinear", "area", "bicubic", "lanczos"]
+COMFY_PIXEL_UPSCALERS = {"lanczos": "Lanczos", "nearest-exact": "Nearest"}
 _SEED = ("INT", {"default": 0, "min": 0, "max": COMFY_MAX_SEED, "control_after_generate": True})
 _STEPS = ("INT", {"default": 20, "min": 1, "max": 10000})
 _CFG = ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01})
@@ -194,6 +197,31 @@ NODES: dict[str, NodeSpec] = {
         ("LATENT",),
         "the hires fix as LatentUpscale, sized by scale_by (at least 1)",
     ),
+    "ImageScale": NodeSpec(
+        "Upscale Image",
+        "image/upscaling",
+        {
+            "image": ("IMAGE",),
+            "upscale_method": (IMAGE_SCALE_METHODS,),
+            "width": ("INT", {"default": 512, "min": 0, "max": MAX_RESOLUTION, "step": 1}),
+            "height": ("INT", {"default": 512, "min": 0, "max": MAX_RESOLUTION, "step": 1}),
+            "crop": (["disabled", "center"],),
+        },
+        ("IMAGE",),
+        "the hires fix on pixels: a first KSampler's decoded images scaled (lanczos or nearest-exact: A1111's "
+        "Lanczos and Nearest), VAE-encoded for a second KSampler, as LatentUpscale; elsewhere refused",
+    ),
+    "ImageScaleBy": NodeSpec(
+        "Upscale Image By",
+        "image/upscaling",
+        {
+            "image": ("IMAGE",),
+            "upscale_method": (IMAGE_SCALE_METHODS,),
+            "scale_by": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 8.0, "step": 0.01}),
+        },
+        ("IMAGE",),
+        "the hires fix on pixels, as ImageScale, sized by scale_by (at least 1)",
+    ),
     "VAELoader": NodeSpec(
         "Load VAE",
         "loaders",
@@ -272,8 +300,6 @@ NOT_YET: dict[str, str] = {
     "UNETLoader": "Spellbook loads whole checkpoints only (CheckpointLoaderSimple), not diffusion models alone",
     "LoraLoader": "Spellbook has no LoRA support yet",
     "LoraLoaderModelOnly": "Spellbook has no LoRA support yet",
-    "ImageScale": "Spellbook does not scale images inside a graph yet",
-    "ImageScaleBy": "Spellbook does not scale images inside a graph yet",
 }
 
 # Listed in object_info, with an empty model list, though no graph may use them: SillyTavern reads
@@ -832,9 +858,18 @@ def read_graph(graph: _Graph, outputs: list[str], values: dict[str, dict[str, An
     # A hires fix: the outputs' sampler re-draws an upscaled latent of a first sampler, which holds the settings.
     second = upscale = None
     link = graph.link(sampler, "latent_image")
-    if link is not None and graph.class_of(link[0]) in ("LatentUpscale", "LatentUpscaleBy"):
+    latent_source = graph.class_of(link[0]) if link is not None else None
+    scaled = graph.link(link[0], "pixels") if latent_source == "VAEEncode" else None
+    if latent_source in ("LatentUpscale", "LatentUpscaleBy"):
         upscale = link[0]
         first = reader.follow(upscale, "samples", {"KSampler": 0}, "a KSampler (the first pass of a hires fix)")
+    elif scaled is not None and graph.class_of(scaled[0]) in ("ImageScale", "ImageScaleBy"):
+        # the hires fix on pixels: KSampler -> VAEDecode -> ImageScale(By) -> VAEEncode -> this KSampler
+        upscale = scaled[0]
+        decoded = reader.follow(upscale, "image", {"VAEDecode": 0}, "a VAEDecode of the first pass")
+        first = reader.follow(decoded, "samples", {"KSampler": 0}, "a KSampler (the first pass of a hires fix)")
+        decoders.update(node for node in (decoded, link[0]) if node)  # their VAE must be the job's too
+    if upscale is not None:
         if graph.class_of(sampler) != "KSampler":
             errors.refuse(sampler, "latent_image", "a hires fix's second pass must be a KSampler")
         errors.raise_if_any(outputs)
@@ -985,11 +1020,14 @@ def _read_hires(reader: _Reader, chain: Chain, second: str, upscale: str, model:
     loader = reader.follow(second, "model", {"CheckpointLoaderSimple": 0}, "a CheckpointLoaderSimple's MODEL")
     if loader and model and checkpoint_name(values[loader]["ckpt_name"]) != model:
         errors.refuse(second, "model", f"the hires pass uses the first pass's model ({model})", [loader, 0])
+    pixels = graph.class_of(upscale) in ("ImageScale", "ImageScaleBy")
+    methods = COMFY_PIXEL_UPSCALERS if pixels else COMFY_LATENT_UPSCALERS
     method = up["upscale_method"]
-    if method not in COMFY_LATENT_UPSCALERS:
-        message = f"{method!r} is not one of the hires fix's latent modes: use {', '.join(COMFY_LATENT_UPSCALERS)}"
+    if method not in methods:
+        kind = "pixel upscalers" if pixels else "latent modes"
+        message = f"{method!r} is not one of the hires fix's {kind}: use {', '.join(methods)}"
         errors.refuse(upscale, "upscale_method", message, method)
-    hires: dict[str, Any] = {"upscaler": COMFY_LATENT_UPSCALERS.get(method, "Latent"), "steps": again["steps"],
+    hires: dict[str, Any] = {"upscaler": methods.get(method, next(iter(methods.values()))), "steps": again["steps"],
                              "denoise": again["denoise"]}  # fmt: skip
     sources = chain.sources
     sources.update({"hires": (second, "latent_image"), "hires.steps": (second, "steps"),
@@ -1000,18 +1038,23 @@ def _read_hires(reader: _Reader, chain: Chain, second: str, upscale: str, model:
         hires["width"] = round(width / 8 * up["scale_by"]) * 8
         hires["height"] = round(height / 8 * up["scale_by"]) * 8
         sources["hires.width"] = sources["hires.scale"] = (upscale, "scale_by")
+    elif graph.class_of(upscale) == "ImageScaleBy":
+        # round(side * scale_by) pixels; VAEEncode then crops to multiples of 8, as ComfyUI does
+        hires["width"] = round(width * up["scale_by"]) // 8 * 8
+        hires["height"] = round(height * up["scale_by"]) // 8 * 8
+        sources["hires.width"] = sources["hires.scale"] = (upscale, "scale_by")
     else:
         if up["crop"] != "disabled":
             errors.refuse(upscale, "crop", "only 'disabled' is supported (the hires fix keeps the whole picture)")
         to_w, to_h = up["width"], up["height"]
         if not to_w and not to_h:
             errors.refuse(upscale, "width", "give a width or a height (both 0 keep the first pass's size)")
-        elif not to_w and height:  # a side of 0 keeps the ratio, as ComfyUI computes it (at least 64)
-            to_h = max(64, to_h)
-            to_w = max(64, round(width * to_h / height))
+        elif not to_w and height:  # a side of 0 keeps the ratio, as ComfyUI computes it (latents: at least 64)
+            to_h = to_h if pixels else max(64, to_h)
+            to_w = max(1 if pixels else 64, round(width * to_h / height))
         elif not to_h and width:
-            to_w = max(64, to_w)
-            to_h = max(64, round(height * to_w / width))
+            to_w = to_w if pixels else max(64, to_w)
+            to_h = max(1 if pixels else 64, round(height * to_w / width))
         hires.update(width=to_w // 8 * 8, height=to_h // 8 * 8)  # ComfyUI's latent is side // 8
         sources["hires.width"] = (upscale, "width")
         sources["hires.height"] = (upscale, "height")
