@@ -226,15 +226,32 @@ def test_extra_network_tags_are_refused_by_name_in_the_native_api(make_client):
         assert response.status_code == 400 and response.json()["error"]["field"] == field, response.text
 
 
-def test_a_comfyui_png_with_a_hires_graph_is_not_reproduced_as_one_pass_silently():
+def test_a_comfyui_png_of_a_hires_graph_reads_as_a_hires_recipe_and_nothing_else_silently():
     from spellbook.infotext import read_foreign_recipe
     from spellbook.studio import unhonoured_settings
 
     graph = {
         "3": {"class_type": "KSampler", "inputs": {"seed": 1, "steps": 4, "cfg": 7, "sampler_name": "euler",
-              "scheduler": "normal", "denoise": 1, "latent_image": ["5", 0]}},
+              "scheduler": "normal", "denoise": 1, "latent_image": ["5", 0], "positive": ["6", 0]}},
         "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 16, "height": 16, "batch_size": 1}},
-        "10": {"class_type": "LatentUpscaleBy", "inputs": {"samples": ["3", 0], "scale_by": 2}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red circle"}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red circle, sharp"}},
+        "10": {"class_type": "LatentUpscaleBy", "inputs": {"samples": ["3", 0], "upscale_method": "bicubic",
+               "scale_by": 2}},
+        "11": {"class_type": "KSampler", "inputs": {"seed": 1, "steps": 3, "cfg": 7, "sampler_name": "euler",
+               "scheduler": "normal", "denoise": 0.45, "latent_image": ["10", 0], "positive": ["7", 0]}},
     }  # fmt: skip
     found = read_foreign_recipe({"prompt": json.dumps(graph)})
-    assert unhonoured_settings(found["extra"]) == {"ComfyUI LatentUpscaleBy": "node 10"}
+    assert found["hires"] == {"upscaler": "Latent (bicubic)", "steps": 3, "denoise": 0.45, "width": 32, "height": 32,
+                              "prompt": "a red circle, sharp"}  # fmt: skip
+    assert not unhonoured_settings(found.get("extra") or {})
+    assert make_recipe(request_from_foreign_of(found), DEFAULTS).output_size == (32, 32)
+    graph["11"]["inputs"]["seed"] = 2  # a second pass A1111's hires fix cannot express: named, not dropped
+    found = read_foreign_recipe({"prompt": json.dumps(graph)})
+    assert "hires" not in found and unhonoured_settings(found["extra"]) == {"ComfyUI LatentUpscaleBy": "node 10"}
+
+
+def request_from_foreign_of(found):
+    from spellbook.provenance import request_from_foreign
+
+    return request_from_foreign(found)

@@ -539,12 +539,66 @@ def _from_comfy_prompt(graph: dict[str, Any] | None) -> dict[str, Any] | None:
         model_loader = loaders[0] if len(loaders) == 1 else None
     if model_loader is not None:
         result["model"] = model_loader["inputs"]["ckpt_name"]
-    # 3. Nodes that change the picture beyond one sampling chain: named, so that `reproduce` refuses them.
+    # 3. A hires fix (a second KSampler over the first's upscaled latent) is read as one; other nodes that change
+    #    the picture beyond one sampling chain are named, so that `reproduce` refuses them.
+    read = _comfy_hires(nodes, sampler, result) if sampler is not None else None
     extra = {f"ComfyUI {node['class_type']}": f"node {node_id}" for node_id, node in sorted(nodes.items())
-             if node["class_type"] in _COMFY_BEYOND_ONE_CHAIN}  # fmt: skip
+             if node["class_type"] in _COMFY_BEYOND_ONE_CHAIN and node_id != read}  # fmt: skip
     if extra:
         result["extra"] = extra
     return result
+
+
+_COMFY_LATENT_MODES = {"nearest-exact": "Latent (nearest-exact)", "bilinear": "Latent", "bicubic": "Latent (bicubic)"}
+
+
+def _comfy_hires(nodes: dict[str, dict[str, Any]], first: dict[str, Any], result: dict[str, Any]) -> str | None:
+    """If `first`'s latent is upscaled (LatentUpscale / LatentUpscaleBy) into exactly one second KSampler with the
+    same seed, cfg, sampler and scheduler, `result["hires"]` as the request's `hires` (sized as ComfyUI sizes it),
+    and the upscale node's id; otherwise None (the node is then named as not honoured)."""
+    for node_id, node in nodes.items():
+        if node["class_type"] not in ("LatentUpscale", "LatentUpscaleBy"):
+            continue
+        if _linked(nodes, node["inputs"].get("samples")) is not first:
+            continue
+        seconds = [n for n in nodes.values() if n["class_type"] == "KSampler"
+                   and _is_link(n["inputs"].get("latent_image")) and str(n["inputs"]["latent_image"][0]) == node_id]  # fmt: skip
+        if len(seconds) != 1:
+            return None
+        again, up = seconds[0]["inputs"], node["inputs"]
+        if any(again.get(k) != first["inputs"].get(k) for k in ("seed", "cfg", "sampler_name", "scheduler")):
+            return None
+        mode = _COMFY_LATENT_MODES.get(up.get("upscale_method"))
+        width, height = result.get("width"), result.get("height")
+        if mode is None or not width or not height:
+            return None
+        hires: dict[str, Any] = {"upscaler": mode}
+        _set_number(hires, "steps", again.get("steps"), int)
+        _set_number(hires, "denoise", again.get("denoise"), float)
+        try:
+            if node["class_type"] == "LatentUpscaleBy":
+                hires["width"] = round(width / 8 * float(up["scale_by"])) * 8
+                hires["height"] = round(height / 8 * float(up["scale_by"])) * 8
+            else:
+                to_w, to_h = int(up["width"]), int(up["height"])
+                if up.get("crop", "disabled") != "disabled" or not (to_w or to_h):
+                    return None
+                if not to_w:
+                    to_h = max(64, to_h)
+                    to_w = max(64, round(width * to_h / height))
+                elif not to_h:
+                    to_w = max(64, to_w)
+                    to_h = max(64, round(height * to_w / width))
+                hires["width"], hires["height"] = to_w // 8 * 8, to_h // 8 * 8
+        except (KeyError, TypeError, ValueError):
+            return None
+        for key, name in (("prompt", "positive"), ("negative_prompt", "negative")):
+            text = _comfy_text(nodes, again.get(name))
+            if text is not None and text != result.get(key):
+                hires[key] = text
+        result["hires"] = hires
+        return node_id
+    return None
 
 
 _COMFY_BEYOND_ONE_CHAIN = {"LoraLoader", "LoraLoaderModelOnly", "LatentUpscale", "LatentUpscaleBy", "ImageScale",
