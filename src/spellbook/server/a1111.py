@@ -105,7 +105,7 @@ _OFF = {
     "resize_mode": ((0, None), "resize modes other than 'just resize'"),
     "controlnet_units": ((None, []), "ControlNet"),
 }
-_SAME_AS = {"hr_sampler_name": "sampler_name", "hr_scheduler": "scheduler"}
+_SAME_AS = {"hr_sampler_name": ("sampler_name", "sampler_index"), "hr_scheduler": ("scheduler",)}
 _INPAINT_ONLY = {"inpaint_full_res", "latent_mask", "inpaint_full_res_padding", "mask_round"}
 # A1111 fields that change nothing about the image, accepted with any value: options of pix2pix models and of A1111's own output folders, and the seed of
 # a variation whose strength is 0.
@@ -132,7 +132,7 @@ def _check_fields(body: A1111Request) -> None:
     for name, value in (body.model_extra or {}).items():
         if name in _INPAINT_ONLY and not body.mask:
             continue  # A1111 reads them only when there is a mask; clients send them with every img2img
-        if name in _SAME_AS and value == getattr(body, _SAME_AS[name]):
+        if name in _SAME_AS and value is not None and value in [getattr(body, first) for first in _SAME_AS[name]]:
             continue  # the hires pass's sampler or schedule named as the first pass's: what it uses
         if name in _OFF:
             allowed, feature = _OFF[name]
