@@ -19,6 +19,8 @@ from spellbook.engine.prompts import CHUNK_TOKENS, encode_chunks, encode_prompt_
         ("an otter \\(wearing a hat\\)", [("an otter (wearing a hat)", 1.0)]),
         ("(unclosed", [("unclosed", 1.1)]),
         ("time: noon", [("time: noon", 1.0)]),
+        # a weight that is not a number: its text as typed, the bracket still open (as an unclosed one)
+        ("a (red:1.2.3) circle", [("a ", 1.0), ("red:1.2.3) circle", pytest.approx(1.1))]),
     ],
 )
 def test_attention_syntax(text, expected):

@@ -73,9 +73,11 @@ def parse_attention(text: str) -> list[Fragment]:
             square_open.append(len(pieces))
         elif weight is not None and round_open:
             try:
-                multiply(round_open.pop(), float(weight))
-            except ValueError:  # e.g. "(word:1.2.3)": keep the text as typed
+                factor = float(weight)
+            except ValueError:  # e.g. "(word:1.2.3)": the text as typed, and the bracket stays open (x1.1)
                 pieces.append([token, 1.0])
+            else:
+                multiply(round_open.pop(), factor)
         elif token == ")" and round_open:
             multiply(round_open.pop(), ROUND_MULTIPLIER)
         elif token == "]" and square_open:
