@@ -213,7 +213,7 @@ def test_an_early_switch_draws_the_second_prompt_and_a_late_one_the_first(shapes
 
 
 def test_and_composes_what_each_part_asks_for(shapes):
-    """Measured (8 seeds): `a square` alone drew squares in four colours and five places, `a blue shape on the
+    """Measured (8 seeds): `a square` alone drew squares in three colours and five places, `a blue shape on the
     right` drew blue circles on the right 7 of 8 times; joined by AND every image was a blue square on the right.
     The shapes model draws one object per picture: `a red circle on the left AND a blue square on the right`
     gives one shape between the two (7 of 8 green circles on the left; docs/prompts.md shows them)."""
