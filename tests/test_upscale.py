@@ -193,3 +193,42 @@ def test_sd_upscale_redraws_the_enlarged_picture_tile_by_tile(studio, tmp_path):
     assert np.array_equal(np.asarray(first), np.asarray(again))  # the same recipes, the same picture
     lanczos = picture.resize((40, 24), Image.Resampling.LANCZOS)
     assert np.abs(np.asarray(first, dtype=int) - np.asarray(lanczos, dtype=int)).mean() > 1  # redrawn
+
+
+def test_the_api_queues_an_upscale_of_a_gallery_image_or_a_picture(make_client, home):
+    import base64
+    import io
+
+    from jobwait import wait_done, wait_filed
+
+    client, _ = make_client()
+    (home / "upscalers").mkdir(parents=True)
+    save_file(
+        {k: v.contiguous() for k, v in random_state(False, 2, 2).items()}, str(home / "upscalers" / "x2.safetensors")
+    )
+    assert {u["name"]: u["kind"] for u in client.get("/api/v1/upscalers").json()} == {
+        "Lanczos": "resampler", "Nearest": "resampler", "x2": "model"}  # fmt: skip
+    job = client.post("/api/v1/jobs", json={"prompt": "a red circle", "steps": 2, "seed": 3}).json()
+    image_id = wait_filed(client, job["id"])["result"]["images"][0]["image_id"]
+    response = client.post("/api/v1/upscales", json={"image_id": image_id, "scale": 2, "upscaler": "x2", "tile": 8})
+    assert response.status_code == 202, response.text
+    done = wait_done(client, response.json()["id"])
+    assert done["state"] == "done" and done["kind"] == "upscale", done
+    png = Image.open(io.BytesIO(client.get(done["images"][0]).content))
+    assert png.size == (32, 32)
+    assert png.text["parameters"].startswith("a red circle\n") and "Postprocess upscaler: x2" in png.text["parameters"]
+    assert len(json.loads(png.text["spellbook-upscale"])["upscaler_sha256"]) == 64
+    filed = wait_filed(client, done["id"])["result"]["images"][0]["image_id"]
+    assert filed is not None  # in the gallery, found by its picture's prompt
+    buffer = io.BytesIO()
+    Image.new("RGB", (10, 6), (0, 200, 0)).save(buffer, format="PNG")
+    picture = base64.b64encode(buffer.getvalue()).decode()
+    lanczos = client.post("/api/v1/upscales", json={"image": picture, "scale": 3})
+    assert Image.open(io.BytesIO(client.get(wait_done(client, lanczos.json()["id"])["images"][0]).content)).size == (
+        30,
+        18,
+    )
+    for body, field in (({"image": picture, "upscaler": "R-ESRGAN 4x+"}, "upscaler"), ({"scale": 2}, "image_id"),
+                        ({"image_id": 99999}, "image_id")):  # fmt: skip
+        refused = client.post("/api/v1/upscales", json=body)
+        assert refused.status_code in (400, 404) and refused.json()["error"]["field"] == field, refused.text

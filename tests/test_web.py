@@ -86,6 +86,7 @@ def test_ctrl_enter_generates_an_image_shown_with_its_recipe(home, studio, page)
             "inpaint",
             "remix",
             "blend",
+            "upscale",
             "copy",
         ]
         download = results.nth(0).locator("a.download")

@@ -49,3 +49,19 @@ def test_blend_pressed_on_two_results_draws_the_picture_between_them(home, page,
         # a pair that cannot be blended says why, and nothing runs
         page.goto(base + "/?blend=1,99999")
         expect(page.locator("#status")).to_contain_text("Blend not queued")
+
+
+def test_upscale_pressed_on_a_result_draws_it_twice_as_large(home, studio, page):
+    with serve("tiny") as base:
+        page.goto(base + "/")
+        expect(page.locator("#model")).to_have_value("tiny")
+        page.fill("#prompt", "a red circle")
+        page.fill("#steps", "2")
+        page.press("#prompt", "Control+Enter")
+        result = page.locator(".result").first
+        expect(result.locator('button[data-action="upscale"]')).to_have_count(1)  # once the gallery filed it
+        result.locator('button[data-action="upscale"]').click()
+        expect(page).to_have_url(re.compile(r"[?&]upscale=\d+"))
+        expect(page.locator("#status")).to_contain_text("Done: 1 image")
+        page.wait_for_function("(() => { const i = document.querySelector('.result img'); "
+                               "return i && i.complete && i.naturalWidth === 32; })()")  # fmt: skip

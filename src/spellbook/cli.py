@@ -621,16 +621,15 @@ def upscale(
     tile by tile as img2img (A1111's SD upscale). The PNG keeps the picture's A1111 parameters with A1111's
     Postprocess keys added; a spellbook-upscale chunk names the source, the model and every tile's recipe."""
     import hashlib
-    import io
 
     from spellbook.cli_context import quiet_libraries
 
     quiet_libraries()  # before spellbook.studio brings diffusers and transformers in
-    from spellbook.infotext import read_png_text, write_png_text
+    from spellbook.infotext import read_png_text
     from spellbook.provenance import image_sha256, write_png_bytes
     from spellbook.settings import Settings
     from spellbook.studio import next_image_number
-    from spellbook.upscale import resolve_upscaler, upscale_image
+    from spellbook.upscale import resolve_upscaler, upscale_image, upscaled_png
 
     if not 1.0 <= scale <= 8.0:
         raise UserError(f"--scale {scale:g}: give 1 to 8", field="scale")
@@ -661,20 +660,15 @@ def upscale(
         result, tiles = sd_upscale(_studio(), picture, scale, chosen, request, tile=tile or 0)
     model = chosen
     name = upscaler if isinstance(model, str) else model.name
-    chunks = {k: v for k, v in read_png_text(image).items() if k in ("parameters",)}
-    postprocess = f"Postprocess upscale by: {scale:g}, Postprocess upscaler: {name}"
-    chunks["parameters"] = f"{chunks['parameters']}, {postprocess}" if chunks.get("parameters") else postprocess
     record = {"source": image_sha256(picture), "upscaler": name, "scale": scale, "tile": tile,
               "upscaler_sha256": None if isinstance(model, str) else model.sha256}  # fmt: skip
-    chunks["spellbook-upscale"] = json.dumps({**record, "tiles": tiles} if tiles else record)
+    png = upscaled_png(result, read_png_text(image), {**record, "tiles": tiles} if tiles else record)
     if tiles:
         record["tiles"] = len(tiles)
     out.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256(result.tobytes()).hexdigest()[:8]
     path = out / f"{next_image_number(out):05d}-upscaled-{digest}.png"
-    buffer = io.BytesIO()
-    write_png_text(result, buffer, chunks)
-    write_png_bytes(buffer.getvalue(), path)  # atomically, as every PNG Spellbook writes
+    write_png_bytes(png, path)  # atomically, as every PNG Spellbook writes
     if as_json:
         _echo_json({"path": str(path), "size": list(result.size), **record})
     else:

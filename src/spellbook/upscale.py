@@ -285,3 +285,42 @@ def sd_upscale(
             on_tile(number + 1, len(positions))
     blended = (out / weight.clamp_min(1e-8)).clamp(0, 1).permute(1, 2, 0).numpy()
     return Image.fromarray((blended * 255.0).round().astype(np.uint8)), recipes
+
+
+UPSCALE_KIND = "upscale"  # a queued upscale: a job that is not a recipe (as training a concept is)
+
+
+def upscaler_record(name: str, folder: Path) -> dict:
+    """An upscaler by name as a job records it, without loading it: a resampler, or a model file and its hash
+    (the worker checks the file it loads is still that one)."""
+    if name in RESAMPLERS:
+        return {"upscaler": name, "upscaler_sha256": None}
+    path = folder / f"{name}.safetensors"
+    if not path.is_file():
+        known = (
+            [*RESAMPLERS, *sorted(p.stem for p in folder.glob("*.safetensors"))] if folder.is_dir() else [*RESAMPLERS]
+        )
+        raise UserError(f"unknown upscaler {name!r}; known: {', '.join(known)}", field="upscaler")
+    return {"upscaler": name, "upscaler_sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+
+
+def upscaled_png(image: Image.Image, source_chunks: dict, record: dict) -> bytes:
+    """The PNG of an upscaled picture: the source's A1111 parameters with A1111's Postprocess keys added, and a
+    `spellbook-upscale` chunk with `record` (source pixels, upscaler and its hash, scale, tile)."""
+    import io
+    import json
+
+    from spellbook.infotext import write_png_text
+
+    postprocess = f"Postprocess upscale by: {record['scale']:g}, Postprocess upscaler: {record['upscaler']}"
+    parameters = source_chunks.get("parameters")
+    chunks = {"parameters": f"{parameters}, {postprocess}" if parameters else postprocess,
+              "spellbook-upscale": json.dumps(record)}  # fmt: skip
+    buffer = io.BytesIO()
+    write_png_text(image, buffer, chunks)
+    return buffer.getvalue()
+
+
+def upscale_cost(width: int, height: int) -> int:
+    """Credits for an upscale: one per 2^20 output pixels (a 2048x2048 picture: 4), at least one."""
+    return max(1, -(-width * height // 2**20))

@@ -22,13 +22,14 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image
 
 from spellbook.engine.pipeline import can_share_batch, generate, to_pil
-from spellbook.errors import Cancelled, SpellbookError, StorageFailed
+from spellbook.errors import Cancelled, SpellbookError, StorageFailed, UserError
 from spellbook.provenance import Result, write_result
 from spellbook.queue.jobs import Job, JobQueue
 from spellbook.queue.training import CONCEPT_KIND
 from spellbook.recipe import Recipe
 from spellbook.settings import Settings
 from spellbook.studio import Studio
+from spellbook.upscale import UPSCALE_KIND
 
 if TYPE_CHECKING:
     from spellbook.queue.filer import GalleryFiler
@@ -257,6 +258,9 @@ class EmbeddedWorker(BackgroundLoop):
         if jobs[0].kind == CONCEPT_KIND:  # never batched: a concept job is leased alone
             self.run_training(jobs[0])
             return
+        if jobs[0].kind == UPSCALE_KIND:  # likewise
+            self.run_upscale(jobs[0])
+            return
         ids = [job.id for job in jobs]
         last_preview = [0.0]
 
@@ -302,6 +306,39 @@ class EmbeddedWorker(BackgroundLoop):
                 self.filer.hand_over(job.id, written)
         for job_id in ids:
             self.live.pop(job_id, None)
+
+    def run_upscale(self, job: Job) -> None:
+        """An `upscale` job: the stored source picture enlarged by a resampler or a model from the upscalers
+        folder (the file the job was planned with: its hash is checked), written as one PNG."""
+        from spellbook.provenance import image_sha256, write_png_bytes
+        from spellbook.recipe import InputRef
+        from spellbook.upscale import resolve_upscaler, upscale_image, upscaled_png
+
+        spec = job.request["upscale"]
+        settings = self.studio.settings
+        with self._leased([job.id]):
+            try:
+                picture = self.studio.load_input(InputRef(spec["source"], ""), "image")
+                upscaler = resolve_upscaler(spec["upscaler"], settings.upscalers_dir, allow_paths=False)
+                if spec.get("upscaler_sha256") and getattr(upscaler, "sha256", None) != spec["upscaler_sha256"]:
+                    raise UserError(f"upscaler {spec['upscaler']!r} has changed since the job was queued",
+                                    field="upscaler")  # fmt: skip
+                result = upscale_image(picture, spec["scale"], upscaler, tile=spec.get("tile", 256))
+            except SpellbookError as exc:
+                self.queue.fail(job.id, exc.to_dict()["error"])
+                return
+        if not self.queue.is_active(job.id):
+            return  # cancelled meanwhile
+        path = settings.image_path(f"{job.id}-0.png")
+        try:
+            record = {key: value for key, value in spec.items() if key != "parameters"}
+            write_png_bytes(upscaled_png(result, {"parameters": spec.get("parameters")}, record), path)
+        except OSError as exc:
+            self.queue.fail(job.id, StorageFailed.of(exc, str(settings.images_dir)).to_dict()["error"])
+            return
+        written = {"index": 0, "seed": None, "path": path.relative_to(settings.home).as_posix(),
+                   "sha256": image_sha256(result)}  # fmt: skip
+        self.queue.complete(job.id, {"images": [written], "batched_with": 1})  # the outbox files it from disk
 
     def run_training(self, job: Job) -> None:
         """A `concept` job: train in the job's scratch folder (resuming a checkpoint an earlier run of this job

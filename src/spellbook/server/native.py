@@ -254,6 +254,70 @@ def create_blend(
     return job_view(services, submit(services, who, None, idempotency, recipe=recipe))
 
 
+class UpscaleRequest(BaseModel):
+    """A picture enlarged by a resampler or an ESRGAN-family model (see `spellbook upscale`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image_id: int | None = Field(None, ge=1, le=2**62, description="a gallery image the caller may see")
+    image: str | None = Field(None, description="or a base64 PNG/JPEG (or a data: URL)")
+    scale: float = Field(2.0, ge=1, le=8, description="how many times larger")
+    upscaler: str = Field("Lanczos", max_length=200, description="a name from GET /api/v1/upscalers")
+    tile: int = Field(256, ge=0, le=4096, description="a model's tile side in input pixels (0: whole)")
+
+
+@router.get("/upscalers")
+def list_upscalers(request: Request, _who: Caller) -> list[dict[str, Any]]:
+    """The resamplers and the ESRGAN-family models in SPELLBOOK_HOME/upscalers (by name; not loaded here)."""
+    from spellbook.upscale import RESAMPLERS
+
+    folder = services_of(request).settings.upscalers_dir
+    models = sorted(path.stem for path in folder.glob("*.safetensors")) if folder.is_dir() else []
+    return [{"name": name, "kind": "resampler"} for name in RESAMPLERS] + [
+        {"name": name, "kind": "model"} for name in models
+    ]
+
+
+@router.post("/upscales", status_code=202)
+def create_upscale(body: UpscaleRequest, request: Request, who: Caller) -> dict[str, Any]:
+    """Queue an upscale of a gallery image or an uploaded picture: a job (followed, cancelled and paid like any:
+    one credit per 2^20 output pixels), whose PNG keeps the picture's A1111 parameters with A1111's
+    Postprocess keys and a spellbook-upscale chunk (source pixels, upscaler and its hash, scale, tile)."""
+    from spellbook import gallery
+    from spellbook.infotext import read_png_text
+    from spellbook.provenance import open_image
+    from spellbook.upscale import UPSCALE_KIND, upscale_cost, upscaler_record
+
+    services = services_of(request)
+    services.limiter.check(who.name)
+    if services.dispatcher is not None:
+        raise UserError("upscaling runs on the server's own worker; this server sends jobs to Celery workers",
+                        field="upscaler", hint="run it with `spellbook upscale` on a worker machine")  # fmt: skip
+    if (body.image_id is None) == (body.image is None):
+        raise UserError("give image_id (a gallery image) or image (base64), one of them", field="image_id")
+    max_pixels = services.settings.max_pixels
+    if body.image_id is not None:
+        try:
+            details = gallery.show(services.db, body.image_id, viewer=who.id)
+        except NotFound as error:
+            raise NotFound(error.message, field="image_id") from None
+        picture = open_image(Path_(details.image.path), "image_id", max_pixels)
+    else:
+        picture = decode_image(body.image, "image", max_pixels)
+    parameters = read_png_text(picture).get("parameters")  # kept in the upscaled PNG, as A1111's extras do
+    size = (round(picture.width * body.scale), round(picture.height * body.scale))
+    if size[0] * size[1] > max_pixels:
+        raise UserError(f"{size[0]}x{size[1]} is over this server's limit of {max_pixels} pixels", field="scale")
+    upscaler = upscaler_record(body.upscaler, services.settings.upscalers_dir)
+    source = services.studio.store_input(picture)
+    spec = {"source": source.sha256, "scale": body.scale, "tile": body.tile, **upscaler}
+    if parameters:
+        spec["parameters"] = parameters
+    job = services.queue.submit_task(UPSCALE_KIND, {"upscale": spec}, owner=who.id, cost=upscale_cost(*size))
+    services.wake()
+    return job_view(services, job)
+
+
 @router.get("/jobs")
 def list_jobs(request: Request, who: Caller, limit: int = Query(50, ge=1, le=500)) -> list[dict[str, Any]]:
     services = services_of(request)

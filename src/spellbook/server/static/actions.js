@@ -1,5 +1,5 @@
 // What can be done with an image, on the Create page's results and in the Gallery's image panel:
-// send it to img2img or inpaint, remix its recipe, blend it with another, copy the recipe, download the PNG.
+// send it to img2img or inpaint, remix its recipe, blend it with another, upscale it, copy the recipe, download.
 import { api } from "/static/api.js";
 
 // Where the Create page picks up a remix started on another page (read once, then removed).
@@ -85,7 +85,9 @@ export function imageActions({ src, imageId, recipe, filename, onSend, onRemix, 
   if (imageId !== undefined && imageId !== null) {
     const blend = button("Blend", "blend", "the picture halfway between this one and another: press on both");
     blend.addEventListener("click", () => blendWith(imageId, say));
-    bar.append(blend);
+    const upscale = button("Upscale", "upscale", "this picture twice as large, with the best upscaler installed");
+    upscale.addEventListener("click", () => location.assign(`/?${new URLSearchParams({ upscale: imageId })}`));
+    bar.append(blend, upscale);
   }
   const copy = button("Copy recipe", "copy", "copy the full recipe (JSON)");
   copy.addEventListener("click", async () => {

@@ -362,6 +362,26 @@ async function startBlend(pair, t) {
   follow(job.id);
 }
 
+// ?upscale=ID[&scale=2] (from Upscale on a picture): the gallery image enlarged, by the first upscaler model
+// installed (else Lanczos), as a job.
+async function startUpscale(imageId, scale) {
+  let job;
+  let upscaler = "Lanczos";
+  try {
+    const models = (await api("/api/v1/upscalers")).filter((u) => u.kind === "model");
+    if (models.length) upscaler = models[0].name;
+    job = await api("/api/v1/upscales", { method: "POST", body: { image_id: imageId, scale, upscaler } });
+  } catch (err) {
+    status.textContent = `Upscale not queued: ${err.message}`;
+    return;
+  }
+  gridResults.hidden = true;
+  setBusy(true);
+  setProgress(0, "queued");
+  status.textContent = `Upscaling image ${imageId} ${scale}x with ${upscaler}…`;
+  follow(job.id);
+}
+
 function follow(jobId) {
   const events = new EventSource(`/api/v1/jobs/${encodeURIComponent(jobId)}/events`);
   current = { kind: "job", id: jobId, events };
@@ -811,6 +831,7 @@ async function start() {
   const init = params.get("init");
   if (init && mode !== "txt2img") await sendTo(mode, init);
   if (params.get("blend")) await startBlend(params.get("blend"), params.get("t"));
+  if (params.get("upscale")) await startUpscale(Number(params.get("upscale")), Number(params.get("scale") || 2));
   const handed = sessionStorage.getItem(REMIX_KEY);
   if (handed) {
     sessionStorage.removeItem(REMIX_KEY);
