@@ -25,6 +25,7 @@ from spellbook.queue.jobs import Job, JobQueue
 from spellbook.queue.training import CONCEPT_KIND
 from spellbook.queue.worker import BackgroundLoop
 from spellbook.settings import Settings
+from spellbook.upscale import UPSCALE_KIND
 
 log = logging.getLogger("spellbook.dispatcher")
 TASK = "spellbook.run_jobs"
@@ -233,6 +234,10 @@ class Dispatcher(BackgroundLoop):
             jobs = self.queue.lease(self.lease_owner(task_id), max_batch=max_batch)
             if not jobs:
                 break
+            if jobs[0].kind == UPSCALE_KIND:  # queued while the server ran its own worker: Celery has no such task
+                message = "upscales run on the server's own worker; this server now sends jobs to Celery workers"
+                self.queue.fail(jobs[0].id, {"code": "not_supported", "message": message, "field": "upscaler"})
+                continue
             if jobs[0].kind == CONCEPT_KIND:
                 described = [{"id": jobs[0].id, "kind": CONCEPT_KIND, "concept": jobs[0].request["concept"]}]
             else:
