@@ -549,7 +549,35 @@ def _from_comfy_prompt(graph: dict[str, Any] | None) -> dict[str, Any] | None:
     return result
 
 
-_COMFY_LATENT_MODES = {"nearest-exact": "Latent (nearest-exact)", "bilinear": "Latent", "bicubic": "Latent (bicubic)"}
+# ComfyUI latent upscale methods that are A1111 hires-fix latent modes (others have no A1111 twin).
+COMFY_LATENT_UPSCALERS = {
+    "nearest-exact": "Latent (nearest-exact)",
+    "bilinear": "Latent",
+    "bicubic": "Latent (bicubic)",
+}
+
+
+def comfy_upscale_size(kind: str, inputs: dict[str, Any], width: int, height: int) -> tuple[int, int] | None:
+    """The size ComfyUI's LatentUpscale / LatentUpscaleBy (latents) or ImageScale / ImageScaleBy (pixels) gives a
+    picture of `width` x `height`, rounded down to multiples of 8 as its latents (or VAEEncode's crop) are; None
+    when the node keeps the size (both sides 0) or asks for a crop. Raises KeyError/TypeError/ValueError on
+    inputs that are not numbers."""
+    if kind in ("LatentUpscaleBy", "ImageScaleBy"):
+        scale = float(inputs["scale_by"])
+        if kind == "LatentUpscaleBy":  # round(side / 8 * scale_by) latent pixels
+            return round(width / 8 * scale) * 8, round(height / 8 * scale) * 8
+        return round(width * scale) // 8 * 8, round(height * scale) // 8 * 8
+    latent = kind == "LatentUpscale"
+    to_w, to_h = int(inputs["width"]), int(inputs["height"])
+    if inputs.get("crop", "disabled") != "disabled" or not (to_w or to_h):
+        return None
+    if not to_w:  # a side of 0 keeps the ratio (latents: at least 64 pixels)
+        to_h = max(64, to_h) if latent else to_h
+        to_w = max(64 if latent else 1, round(width * to_h / height))
+    elif not to_h:
+        to_w = max(64, to_w) if latent else to_w
+        to_h = max(64 if latent else 1, round(height * to_w / width))
+    return to_w // 8 * 8, to_h // 8 * 8
 
 
 def _comfy_hires(nodes: dict[str, dict[str, Any]], first: dict[str, Any], result: dict[str, Any]) -> str | None:
@@ -568,7 +596,7 @@ def _comfy_hires(nodes: dict[str, dict[str, Any]], first: dict[str, Any], result
         again, up = seconds[0]["inputs"], node["inputs"]
         if any(again.get(k) != first["inputs"].get(k) for k in ("seed", "cfg", "sampler_name", "scheduler")):
             return None
-        mode = _COMFY_LATENT_MODES.get(up.get("upscale_method"))
+        mode = COMFY_LATENT_UPSCALERS.get(up.get("upscale_method"))
         width, height = result.get("width"), result.get("height")
         if mode is None or not width or not height:
             return None
@@ -576,22 +604,12 @@ def _comfy_hires(nodes: dict[str, dict[str, Any]], first: dict[str, Any], result
         _set_number(hires, "steps", again.get("steps"), int)
         _set_number(hires, "denoise", again.get("denoise"), float)
         try:
-            if node["class_type"] == "LatentUpscaleBy":
-                hires["width"] = round(width / 8 * float(up["scale_by"])) * 8
-                hires["height"] = round(height / 8 * float(up["scale_by"])) * 8
-            else:
-                to_w, to_h = int(up["width"]), int(up["height"])
-                if up.get("crop", "disabled") != "disabled" or not (to_w or to_h):
-                    return None
-                if not to_w:
-                    to_h = max(64, to_h)
-                    to_w = max(64, round(width * to_h / height))
-                elif not to_h:
-                    to_w = max(64, to_w)
-                    to_h = max(64, round(height * to_w / width))
-                hires["width"], hires["height"] = to_w // 8 * 8, to_h // 8 * 8
+            size = comfy_upscale_size(node["class_type"], up, width, height)
         except (KeyError, TypeError, ValueError):
             return None
+        if size is None:
+            return None
+        hires["width"], hires["height"] = size
         for key, name in (("prompt", "positive"), ("negative_prompt", "negative")):
             text = _comfy_text(nodes, again.get(name))
             if text is not None and text != result.get(key):

@@ -181,8 +181,7 @@ def _tiled(net, image: Image.Image, scale: int, tile: int, overlap: int) -> Imag
     step = max(1, tile - overlap)
     out = torch.zeros(1, 3, height * scale, width * scale)
     weight = torch.zeros(1, 1, height * scale, width * scale)
-    tops = sorted({min(y, max(0, height - tile)) for y in range(0, height, step)})
-    lefts = sorted({min(x, max(0, width - tile)) for x in range(0, width, step)})
+    tops, lefts = _tile_starts(height, tile, step), _tile_starts(width, tile, step)
     with torch.inference_mode():
         for top in tops:
             for left in lefts:
@@ -221,8 +220,13 @@ def resolve_upscaler(name: str, folder: Path, *, allow_paths: bool = True):
         return load_model_upscaler(candidate)
     if allow_paths and (name.endswith((".safetensors", ".pth", ".pt", ".ckpt")) or "/" in name):
         return load_model_upscaler(Path(name))
-    known = [*RESAMPLERS, *sorted(p.stem for p in folder.glob("*.safetensors"))] if folder.is_dir() else [*RESAMPLERS]
+    known = [*RESAMPLERS, *installed_models(folder)]
     raise UserError(f"unknown upscaler {name!r}; known: {', '.join(known)} (models go in {folder})", field="upscaler")
+
+
+def installed_models(folder: Path) -> list[str]:
+    """The model upscalers in `folder` (NAME.safetensors), by name."""
+    return sorted(path.stem for path in folder.glob("*.safetensors")) if folder.is_dir() else []
 
 
 def upscale_image(image: Image.Image, factor: float, upscaler, tile: int = 256) -> Image.Image:
@@ -297,9 +301,7 @@ def upscaler_record(name: str, folder: Path) -> dict:
         return {"upscaler": name, "upscaler_sha256": None}
     path = folder / f"{name}.safetensors"
     if not path.is_file():
-        known = (
-            [*RESAMPLERS, *sorted(p.stem for p in folder.glob("*.safetensors"))] if folder.is_dir() else [*RESAMPLERS]
-        )
+        known = [*RESAMPLERS, *installed_models(folder)]
         raise UserError(f"unknown upscaler {name!r}; known: {', '.join(known)}", field="upscaler")
     return {"upscaler": name, "upscaler_sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
 

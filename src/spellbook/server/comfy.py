@@ -39,7 +39,7 @@ from starlette.websockets import WebSocketDisconnect
 
 from spellbook import __version__
 from spellbook.errors import Conflict, Forbidden, NotFound, Refused, SpellbookError, UserError
-from spellbook.infotext import COMFY_SAMPLERS, COMFY_SCHEDULES
+from spellbook.infotext import COMFY_LATENT_UPSCALERS, COMFY_SAMPLERS, COMFY_SCHEDULES, comfy_upscale_size
 from spellbook.queue.jobs import FINAL, Job
 from spellbook.recipe import MAX_SEED, SAMPLERS, SCHEDULES, ImageRequest
 from spellbook.server.app import Caller, Services, services_of
@@ -83,13 +83,8 @@ class NodeSpec:
     output_node: bool = False
 
 
-# ComfyUI's latent upscale methods; the ones A1111 has as hires-fix latent modes run (COMFY_LATENT_UPSCALERS).
+# ComfyUI's latent upscale methods; the ones A1111 has as hires-fix latent modes run (infotext.COMFY_LATENT_UPSCALERS).
 UPSCALE_METHODS = ["nearest-exact", "bilinear", "area", "bicubic", "bislerp"]
-COMFY_LATENT_UPSCALERS = {
-    "nearest-exact": "Latent (nearest-exact)",
-    "bilinear": "Latent",
-    "bicubic": "Latent (bicubic)",
-}
 # ComfyUI's image scale methods; those A1111 has as hires-fix pixel upscalers run.
 IMAGE_SCALE_METHODS = ["nearest-exact", "bilinear", "area", "bicubic", "lanczos"]
 COMFY_PIXEL_UPSCALERS = {"lanczos": "Lanczos", "nearest-exact": "Nearest"}
@@ -1033,31 +1028,18 @@ def _read_hires(reader: _Reader, chain: Chain, second: str, upscale: str, model:
     sources.update({"hires": (second, "latent_image"), "hires.steps": (second, "steps"),
                     "hires.denoise": (second, "denoise"), "hires.upscaler": (upscale, "upscale_method")})  # fmt: skip
     width, height = chain.fields.get("width") or 0, chain.fields.get("height") or 0
-    if graph.class_of(upscale) == "LatentUpscaleBy":
-        # ComfyUI rounds the latent's sides: round(side / 8 * scale_by) latent pixels
-        hires["width"] = round(width / 8 * up["scale_by"]) * 8
-        hires["height"] = round(height / 8 * up["scale_by"]) * 8
-        sources["hires.width"] = sources["hires.scale"] = (upscale, "scale_by")
-    elif graph.class_of(upscale) == "ImageScaleBy":
-        # round(side * scale_by) pixels; VAEEncode then crops to multiples of 8, as ComfyUI does
-        hires["width"] = round(width * up["scale_by"]) // 8 * 8
-        hires["height"] = round(height * up["scale_by"]) // 8 * 8
+    kind = graph.class_of(upscale)
+    if kind in ("LatentUpscaleBy", "ImageScaleBy"):
         sources["hires.width"] = sources["hires.scale"] = (upscale, "scale_by")
     else:
+        sources["hires.width"], sources["hires.height"] = (upscale, "width"), (upscale, "height")
         if up["crop"] != "disabled":
             errors.refuse(upscale, "crop", "only 'disabled' is supported (the hires fix keeps the whole picture)")
-        to_w, to_h = up["width"], up["height"]
-        if not to_w and not to_h:
+        if not up["width"] and not up["height"]:
             errors.refuse(upscale, "width", "give a width or a height (both 0 keep the first pass's size)")
-        elif not to_w and height:  # a side of 0 keeps the ratio, as ComfyUI computes it (latents: at least 64)
-            to_h = to_h if pixels else max(64, to_h)
-            to_w = max(1 if pixels else 64, round(width * to_h / height))
-        elif not to_h and width:
-            to_w = to_w if pixels else max(64, to_w)
-            to_h = max(1 if pixels else 64, round(height * to_w / width))
-        hires.update(width=to_w // 8 * 8, height=to_h // 8 * 8)  # ComfyUI's latent is side // 8
-        sources["hires.width"] = (upscale, "width")
-        sources["hires.height"] = (upscale, "height")
+    size = comfy_upscale_size(kind, up, width, height) if width and height else None
+    if size is not None:  # as ComfyUI sizes it (see infotext.comfy_upscale_size)
+        hires["width"], hires["height"] = size
     for key, name in (("prompt", "positive"), ("negative_prompt", "negative")):
         encoder = reader.follow(second, name, {"CLIPTextEncode": 0}, "a CLIPTextEncode")
         if encoder is None:

@@ -269,10 +269,9 @@ class UpscaleRequest(BaseModel):
 @router.get("/upscalers")
 def list_upscalers(request: Request, _who: Caller) -> list[dict[str, Any]]:
     """The resamplers and the ESRGAN-family models in SPELLBOOK_HOME/upscalers (by name; not loaded here)."""
-    from spellbook.upscale import RESAMPLERS
+    from spellbook.upscale import RESAMPLERS, installed_models
 
-    folder = services_of(request).settings.upscalers_dir
-    models = sorted(path.stem for path in folder.glob("*.safetensors")) if folder.is_dir() else []
+    models = installed_models(services_of(request).settings.upscalers_dir)
     return [{"name": name, "kind": "resampler"} for name in RESAMPLERS] + [
         {"name": name, "kind": "model"} for name in models
     ]
